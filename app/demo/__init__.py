@@ -1,0 +1,1 @@
+"""Simulated agents for ``datadiet demo`` and the quality benchmark: tasks, sources and scenarios."""

@@ -1,0 +1,68 @@
+"""The datadiet API.
+
+Run it:
+    datadiet serve                      # 127.0.0.1:8000, embedded Redis and SQLite under ./datadiet-data
+    datadiet serve --host 0.0.0.0 --port 8000 --workers 4   # with DATADIET_REDIS_URL / DATABASE_URL set
+    uvicorn --factory app.main:create_app
+
+The app is stateless: everything lives in Redis and the database, which the lifespan opens and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import install_error_handlers
+from app.routes import checkpoints, samples, status, validation, weights
+from app.schema import InputSpec
+from store.buffer import SampleBuffer
+from store.config import Settings
+from store.embedded import resolve_redis_url
+from store.keys import Keys
+from store.meta import make_engine, migrate
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_data_dir()
+        url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+        client = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            await run_in_threadpool(migrate, engine)
+            app.state.settings = settings
+            app.state.engine = engine
+            app.state.input_spec = InputSpec.from_settings(settings.resolved_input_kind, settings.model_params)
+            app.state.buffer = SampleBuffer(
+                client, Keys(settings.redis_prefix), settings.buffer_max_samples, settings.validation_max_samples
+            )
+            yield
+        finally:
+            await client.aclose()
+            engine.dispose()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(
+        title="datadiet",
+        summary="Online data selection for models that keep learning from their agents",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    install_error_handlers(app)
+    for module in (samples, validation, weights, checkpoints, status):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,34 @@
+"""``POST /v1/samples`` (ingest) and ``GET /v1/samples/{id}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+
+from app.deps import BufferDep, SpecDep, read_json
+from app.errors import NotFound
+from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
+
+router = APIRouter(prefix="/v1/samples", tags=["samples"])
+
+
+@router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY})
+async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) -> ORJSONResponse:
+    """Ingest 1-10,000 samples, all or nothing; re-posting an id is a duplicate, not an error."""
+    samples = samples_list(await read_json(request))
+    validate_samples(samples, spec)
+    records = [to_record(s) for s in samples]
+    result = await buffer.ingest(records)
+    body = {"accepted": result.accepted, "duplicates": result.duplicates, "ids": [r.id for r in records]}
+    return ORJSONResponse(body, status_code=202)
+
+
+@router.get("/{sample_id}")
+async def get_sample(*, sample_id: str, buffer: BufferDep) -> dict[str, Any]:
+    """One stored sample with its current weight (1.0 until the trainer has weighted it)."""
+    doc = await buffer.get(sample_id)
+    if doc is None:
+        raise NotFound(f"no sample with id {sample_id!r} in the buffer (never posted, or evicted)")
+    return doc

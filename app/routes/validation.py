@@ -1,0 +1,56 @@
+"""The trusted validation set: ``PUT`` replaces it, ``POST`` appends, ``GET`` reports count and version."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+
+from app.deps import BufferDep, EngineDep, SpecDep, read_json
+from app.errors import ValidationError
+from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
+from store.buffer import ValidationSetFull
+from store.meta import record_validation_version
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/validation", tags=["validation"])
+
+
+async def _write(request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep, append: bool) -> dict:
+    samples = samples_list(await read_json(request), max_samples=buffer.validation_max)
+    validate_samples(samples, spec, require_source=False)
+    payloads = [to_record(s).payload for s in samples]
+    try:
+        count, version = await buffer.set_validation(payloads, append=append)
+    except ValidationSetFull as e:
+        raise ValidationError(str(e), field="samples") from None
+    await _record(engine, version, count, "append" if append else "replace")
+    return {"count": count, "version": version}
+
+
+async def _record(engine: EngineDep, version: int, count: int, mode: str) -> None:
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        await run_in_threadpool(record_validation_version, engine, version, count, mode)
+    except Exception:  # the set itself is safely in Redis; the history row is best effort
+        log.exception("could not record validation version %d", version)
+
+
+@router.put("", openapi_extra={"requestBody": INGEST_BODY})
+async def replace_validation(*, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep) -> dict:
+    """Replace the validation set: the task the trainer optimises for changes."""
+    return await _write(request, buffer, spec, engine, append=False)
+
+
+@router.post("", openapi_extra={"requestBody": INGEST_BODY})
+async def append_validation(*, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep) -> dict:
+    """Append samples to the validation set (a new version)."""
+    return await _write(request, buffer, spec, engine, append=True)
+
+
+@router.get("")
+async def get_validation(*, buffer: BufferDep) -> dict:
+    count, version = await buffer.validation_info()
+    return {"count": count, "version": version}
+

@@ -1,0 +1,51 @@
+"""Current sampling weights, as the trainer last published them (never recomputed here)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+
+from app.deps import BufferDep
+from app.errors import ValidationError
+
+router = APIRouter(prefix="/v1/weights", tags=["weights"])
+MAX_IDS = 10_000
+
+
+@router.get("")
+async def get_weights(*, buffer: BufferDep) -> dict[str, Any]:
+    """Per-source weights (summing to 1) and a summary of the per-sample weights."""
+    doc = await buffer.weights_doc()
+    if doc is None:  # the trainer has not published yet: everything is uniform
+        size = (await buffer.stats())["buffer"]["size"]
+        hist = {"edges": [0.0, 0.1, 0.5, 1.0, 2.0, 5.0], "counts": [0, 0, 0, size, 0]}
+        summary = {"count": size, "effective_fraction": 1.0, "mean": 1.0, "histogram": hist}
+        return {"step": 0, "updated_at": None, "sources": {}, "summary": summary}
+    return doc
+
+
+@router.get("/samples")
+async def get_sample_weights(
+    *,
+    buffer: BufferDep,
+    ids: str | None = Query(None, description="comma-separated sample ids"),
+    order: Literal["asc", "desc"] | None = Query(None, description="lowest (asc) or highest (desc) first"),
+    limit: int = Query(10, ge=1, le=10_000),
+) -> dict[str, Any]:
+    """Weights of the given ids (unknown ids are absent), or the ``limit`` lowest/highest weighted samples."""
+    doc = await buffer.weights_doc()
+    step = doc["step"] if doc else 0
+    if ids is not None:
+        wanted = [i for i in ids.split(",") if i]
+        if len(wanted) > MAX_IDS:
+            raise ValidationError(f"at most {MAX_IDS} ids per request, got {len(wanted)}", field="ids")
+        return {"step": step, "weights": await buffer.weights_of(wanted)}
+    if order is None:
+        raise ValidationError("give either ids=a,b,c or order=asc|desc (with limit)", field="ids")
+    rows = await buffer.ranked(order, limit)
+    return {
+        "step": step,
+        "weights": {r["id"]: r["weight"] for r in rows},
+        "sources": {r["id"]: r["source"] for r in rows},
+    }

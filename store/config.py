@@ -1,0 +1,71 @@
+"""Settings shared by every datadiet process, read from ``DATADIET_*`` environment variables (and ``.env``).
+
+One ``Settings`` object per process, validated at start-up; every field has a working default. The
+trainer extends it with its own knobs (``trainer.settings.TrainerSettings``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TEXT_MODEL_KINDS = frozenset({"tiny-gpt"})
+VECTOR_MODEL_KINDS = frozenset({"mlp"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DATADIET_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(None, description="unset: an embedded Redis server under the data dir")
+    database_url: str | None = Field(None, description="unset: sqlite:///<data dir>/meta.db")
+    data_dir: Path = Path("./datadiet-data")
+    redis_prefix: str = Field("dd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+
+    model: str = "tiny-gpt"
+    model_params: dict[str, Any] = Field(
+        default_factory=dict, validation_alias=AliasChoices("DATADIET_MODEL_CONFIG", "model_params")
+    )
+    input_kind: Literal["text", "vector", "auto"] = Field(
+        "auto", description="what `input` a sample must carry; auto: from the model kind"
+    )
+    reweight: str = "bilevel"
+
+    buffer_max_samples: int = Field(1_000_000, ge=1)
+    validation_max_samples: int = Field(100_000, ge=1)
+
+    max_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(250, ge=1)
+    seed: int = 0
+    api_keys: str | None = None
+
+    @field_validator("model_params", mode="before")
+    @classmethod
+    def _parse_json(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            import json
+
+            return json.loads(v) if v.strip() else {}
+        return v
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'meta.db').resolve()}"
+
+    @property
+    def resolved_input_kind(self) -> Literal["text", "vector", "any"]:
+        if self.input_kind != "auto":
+            return self.input_kind
+        if self.model in TEXT_MODEL_KINDS:
+            return "text"
+        if self.model in VECTOR_MODEL_KINDS:
+            return "vector"
+        return "any"
+
+    def ensure_data_dir(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir

@@ -1,0 +1,92 @@
+"""Every Redis key datadiet uses, built in one place.
+
+A reader can list the whole Redis layout from this file:
+
+    {p}:ids            hash    sample id -> ordinal (int). Dedup index; HSETNX-like check in the ingest script.
+    {p}:samples        hash    ordinal -> compact payload (orjson of the validated sample, id included)
+    {p}:seq            string  last ordinal handed out (INCR)
+    {p}:ingest         stream  one entry per accepted sample: o=<ordinal> s=<source> g=<content group>
+    {p}:rank           zset    ordinal -> eviction/ranking score: the published weight, or
+                               FRESH_BASE + ordinal for samples the trainer has not weighted yet
+    {p}:counters       hash    ingested, duplicates, evicted
+    {p}:val:samples    list    validation payloads (orjson)
+    {p}:val:version    string  validation-set version (INCR on every PUT/POST)
+    {p}:weights        string  JSON document the trainer publishes for GET /v1/weights
+    {p}:trainer        hash    trainer status: step, steps_per_s, val_loss, updated_at, pid
+
+The prefix ``p`` defaults to ``dd``. All keys of one deployment share the hash tag ``{p}`` so that a Redis
+Cluster keeps them in one slot (Lua scripts touch several of them at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAINER_GROUP = "trainer"
+"""Consumer group through which trainers read the ingest stream."""
+
+FRESH_BASE = 1e12
+"""Rank score offset for samples without a published weight: they sort after every weighted sample."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "dd"
+
+    def _k(self, name: str) -> str:
+        return f"{{{self.prefix}}}:{name}"
+
+    @property
+    def ids(self) -> str:
+        return self._k("ids")
+
+    @property
+    def samples(self) -> str:
+        return self._k("samples")
+
+    @property
+    def seq(self) -> str:
+        return self._k("seq")
+
+    @property
+    def ingest(self) -> str:
+        return self._k("ingest")
+
+    @property
+    def rank(self) -> str:
+        return self._k("rank")
+
+    @property
+    def counters(self) -> str:
+        return self._k("counters")
+
+    @property
+    def val_samples(self) -> str:
+        return self._k("val:samples")
+
+    @property
+    def val_version(self) -> str:
+        return self._k("val:version")
+
+    @property
+    def weights(self) -> str:
+        return self._k("weights")
+
+    @property
+    def trainer(self) -> str:
+        return self._k("trainer")
+
+    def all(self) -> list[str]:
+        """Every key of this deployment (for tests and resets)."""
+        return [
+            self.ids,
+            self.samples,
+            self.seq,
+            self.ingest,
+            self.rank,
+            self.counters,
+            self.val_samples,
+            self.val_version,
+            self.weights,
+            self.trainer,
+        ]

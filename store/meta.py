@@ -1,0 +1,144 @@
+"""SQL metadata: published checkpoints, validation-set versions and weight snapshots.
+
+SQLAlchemy 2.0 typed models; the schema is created and upgraded by Alembic (``store/migrations``) through
+``migrate()``. SQLite by default, PostgreSQL through ``DATADIET_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+log = logging.getLogger(__name__)
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Checkpoint(Base):
+    """One published, immutable model version: the file at ``path`` with this ``sha256``."""
+
+    __tablename__ = "checkpoints"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    step: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(String(1024))
+    model_kind: Mapped[str] = mapped_column(String(256))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "step": self.step,
+            "created_at": _iso(self.created_at),
+            "sha256": self.sha256,
+            "size": self.size,
+            "metrics": self.metrics,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        return {**self.summary(), "model": self.model_kind, "config": self.config}
+
+
+class ValidationVersion(Base):
+    """A version of the trusted validation set (its payloads live in Redis)."""
+
+    __tablename__ = "validation_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    count: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(8))  # "replace" or "append"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WeightSnapshot(Base):
+    """The trainer's source weights and weight summary at one step (the weight history)."""
+
+    __tablename__ = "weight_snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    step: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sources: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def _iso(ts: datetime) -> str:
+    if ts.tzinfo is None:  # SQLite returns naive datetimes; we only ever store UTC
+        ts = ts.replace(tzinfo=UTC)
+    return ts.isoformat()
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs (the driver we install)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (a no-op when it is there already)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def latest_checkpoint(session: Session) -> Checkpoint | None:
+    return session.scalars(select(Checkpoint).order_by(Checkpoint.version.desc()).limit(1)).first()
+
+
+def next_checkpoint_version(session: Session) -> int:
+    latest = latest_checkpoint(session)
+    return 1 if latest is None else latest.version + 1
+
+
+def record_validation_version(engine: Engine, version: int, count: int, mode: str) -> None:
+    with Session(engine) as session, session.begin():
+        session.merge(ValidationVersion(version=version, count=count, mode=mode))
