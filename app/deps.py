@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.errors import MalformedJSON, PayloadTooLarge
-from app.schema import InputSpec
+from app.schema import InputSpec, non_finite_error
 from store.buffer import SampleBuffer
 from store.config import Settings
 
@@ -46,10 +47,10 @@ EngineDep = Annotated[Engine, Depends(_engine)]
 SessionDep = Annotated[Session, Depends(_session)]
 
 
-async def _drain(request: Request, limit: int) -> None:
+async def _drain(chunks: AsyncIterator[bytes], limit: int) -> None:
     """Read and discard the rest of a refused body (up to ``limit``) so the client can read our answer."""
     seen = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         seen += len(chunk)
         if seen > limit:
             break
@@ -61,18 +62,27 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> object:
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _drain(request, DRAIN_LIMIT)
+        await _drain(request.stream(), DRAIN_LIMIT)
         raise PayloadTooLarge(f"the body is {int(declared)} bytes; the limit is {limit} bytes (16 MiB)")
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream()  # one iterator: Starlette refuses a second request.stream()
+    async for chunk in chunks:
         body += chunk
         if len(body) > limit:
             body = bytearray()
-            await _drain(request, DRAIN_LIMIT)
+            await _drain(chunks, DRAIN_LIMIT)
             raise PayloadTooLarge(f"the body exceeds {limit} bytes (16 MiB)")
     if not body:
         raise MalformedJSON("the body is empty; expected JSON")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        # The contract answers NaN/Infinity/1e999 in a sample with a 422 naming the sample and field:
+        # the standard library reads them (as floats), so a second, lenient parse can say where they are.
+        try:
+            lenient = json.loads(body)
+        except (ValueError, RecursionError):
+            lenient = None
+        if (error := non_finite_error(lenient)) is not None:
+            raise error from None
         raise MalformedJSON(f"the body is not valid JSON (NaN and Infinity are not allowed): {e}") from None

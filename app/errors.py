@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 class DatadietError(Exception):
     status = 400
     type = "BadRequest"
-    headers: dict[str, str] | None = None
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -49,7 +49,7 @@ class PayloadTooLarge(DatadietError):
 
 class Unavailable(DatadietError):
     status, type = 503, "Unavailable"
-    headers = {"Retry-After": "1"}
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
 
 
 def _render(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> ORJSONResponse:
@@ -81,6 +81,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
         if isinstance(exc, redis.RedisError):
             log.warning("redis unavailable: %s", exc)
-            return _render(503, Unavailable(f"the sample buffer is unavailable: {exc}").body(), Unavailable.headers)
+            return _render(
+                503, Unavailable(f"the sample buffer is unavailable: {exc}").body(), Unavailable.headers
+            )
         log.exception("unhandled error")
-        return _render(500, {"error": {"type": "InternalError", "detail": "internal error; see the server log"}})
+        return _render(
+            500, {"error": {"type": "InternalError", "detail": "internal error; see the server log"}}
+        )

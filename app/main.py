@@ -44,9 +44,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(migrate, engine)
             app.state.settings = settings
             app.state.engine = engine
-            app.state.input_spec = InputSpec.from_settings(settings.resolved_input_kind, settings.model_params)
+            app.state.input_spec = InputSpec.from_settings(
+                settings.resolved_input_kind, settings.model_params
+            )
             app.state.buffer = SampleBuffer(
-                client, Keys(settings.redis_prefix), settings.buffer_max_samples, settings.validation_max_samples
+                client,
+                Keys(settings.redis_prefix),
+                settings.buffer_max_samples,
+                settings.validation_max_samples,
             )
             yield
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -153,6 +154,33 @@ def _check_sample(s: Any, spec: InputSpec, require_source: bool) -> tuple[str, s
     return None
 
 
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) > sys.float_info.max  # 1e999 written out as an integer
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def non_finite_error(body: Any) -> ValidationError | None:
+    """For a body that strict JSON refused but a lenient parse read (NaN, Infinity, 1e999): the error
+    naming the first sample and field that holds such a number, or None when no sample does."""
+    samples = body.get("samples") if isinstance(body, dict) else None
+    for i, s in enumerate(samples if isinstance(samples, list) else []):
+        for field, value in s.items() if isinstance(s, dict) else ():
+            if _has_non_finite(value):
+                message = f"{field} holds NaN, Infinity or a number beyond the float range"
+                return ValidationError(
+                    f"samples[{i}].{field}: {message}; nothing was stored",
+                    errors=[{"index": i, "field": field, "message": message}],
+                )
+    return None
+
+
 def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[Any]:
     """The ``samples`` array of a request body, checked for shape and count."""
     if not isinstance(body, dict):
@@ -165,7 +193,9 @@ def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[
         raise ValidationError('"samples" must be an array of samples', field="samples")
     if not 1 <= len(samples) <= max_samples:
         raise ValidationError(
-            f"a request carries 1-{max_samples} samples, got {len(samples)}", field="samples", count=len(samples)
+            f"a request carries 1-{max_samples} samples, got {len(samples)}",
+            field="samples",
+            count=len(samples),
         )
     return samples
 

@@ -97,16 +97,24 @@ class SampleBuffer:
         if not known:
             return {}
         scores = await self.r.zmscore(self.k.rank, [o for _, o in known])
-        return {i: w for (i, _), s in zip(known, scores, strict=True) if (w := weight_from_rank(s)) is not None}
+        return {
+            i: w for (i, _), s in zip(known, scores, strict=True) if (w := weight_from_rank(s)) is not None
+        }
 
     async def ranked(self, order: str, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` lowest (asc) or highest (desc) weighted samples: id, source, weight."""
         if order == "asc":
-            pairs = await self.r.zrangebyscore(self.k.rank, "-inf", f"({FRESH_BASE}", 0, limit, withscores=True)
+            pairs = await self.r.zrangebyscore(
+                self.k.rank, "-inf", f"({FRESH_BASE}", 0, limit, withscores=True
+            )
         else:
-            pairs = await self.r.zrevrangebyscore(self.k.rank, f"({FRESH_BASE}", "-inf", 0, limit, withscores=True)
+            pairs = await self.r.zrevrangebyscore(
+                self.k.rank, f"({FRESH_BASE}", "-inf", 0, limit, withscores=True
+            )
         if len(pairs) < limit:  # not enough weighted samples yet: fill with never-weighted ones (weight 1)
-            more = await self.r.zrangebyscore(self.k.rank, FRESH_BASE, "+inf", 0, limit - len(pairs), withscores=True)
+            more = await self.r.zrangebyscore(
+                self.k.rank, FRESH_BASE, "+inf", 0, limit - len(pairs), withscores=True
+            )
             pairs = [*pairs, *more]
         if not pairs:
             return []

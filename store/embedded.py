@@ -70,7 +70,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"embedded redis exited with {self.proc.returncode}; see {self.dir}/redis.log")
+                raise RuntimeError(
+                    f"embedded redis exited with {self.proc.returncode}; see {self.dir}/redis.log"
+                )
             if self._alive():
                 log.info("embedded redis started (pid %d) at %s", self.proc.pid, self.socket)
                 return self.url

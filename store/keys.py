@@ -2,7 +2,7 @@
 
 A reader can list the whole Redis layout from this file:
 
-    {p}:ids            hash    sample id -> ordinal (int). Dedup index; HSETNX-like check in the ingest script.
+    {p}:ids            hash    sample id -> ordinal (int); the dedup index
     {p}:samples        hash    ordinal -> compact payload (orjson of the validated sample, id included)
     {p}:seq            string  last ordinal handed out (INCR)
     {p}:ingest         stream  one entry per accepted sample: o=<ordinal> s=<source> g=<content group>

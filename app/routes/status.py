@@ -63,7 +63,10 @@ async def metrics(*, buffer: BufferDep) -> PlainTextResponse:
     ]
     for name in ("ingested", "duplicates", "evicted"):
         lines += [f"# TYPE datadiet_samples_{name}_total counter", f"datadiet_samples_{name}_total {b[name]}"]
-    lines += ["# TYPE datadiet_validation_version gauge", f"datadiet_validation_version {s['validation']['version']}"]
+    lines += [
+        "# TYPE datadiet_validation_version gauge",
+        f"datadiet_validation_version {s['validation']['version']}",
+    ]
     if t["step"] is not None:
         lines += ["# TYPE datadiet_trainer_step gauge", f"datadiet_trainer_step {t['step']}"]
     if t["val_loss"] is not None:

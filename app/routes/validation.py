@@ -38,7 +38,9 @@ async def _record(engine: EngineDep, version: int, count: int, mode: str) -> Non
 
 
 @router.put("", openapi_extra={"requestBody": INGEST_BODY})
-async def replace_validation(*, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep) -> dict:
+async def replace_validation(
+    *, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep
+) -> dict:
     """Replace the validation set: the task the trainer optimises for changes."""
     return await _write(request, buffer, spec, engine, append=False)
 
@@ -53,4 +55,3 @@ async def append_validation(*, request: Request, buffer: BufferDep, spec: SpecDe
 async def get_validation(*, buffer: BufferDep) -> dict:
     count, version = await buffer.validation_info()
     return {"count": count, "version": version}
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar, cast, get_args
 
 from trainer.models.base import InputKind, TrainModel
 from trainer.models.mlp import MLP
@@ -98,7 +98,7 @@ def input_kind_of(kind: str) -> InputKind:
     value = getattr(resolve_factory(kind), "input_kind", None)
     if value not in _INPUT_KINDS:
         raise ValueError(f"model kind {kind!r} does not declare input_kind (register(..., input_kind=...))")
-    return value
+    return cast(InputKind, value)
 
 
 def _qualified(obj: Any) -> str:

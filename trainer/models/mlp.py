@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,16 +29,19 @@ class MLP(TrainModel):
         if not isinstance(hidden, list) or not all(
             isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
         ):
-            raise ValueError(f"{self.kind}: config 'hidden' must be a list of positive integers, got {hidden!r}")
+            raise ValueError(
+                f"{self.kind}: config 'hidden' must be a list of positive integers, got {hidden!r}"
+            )
         dropout = check_dropout(self.kind, cfg)
         self.config = cfg
 
         widths = [self.n_features, *hidden, self.n_classes]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.drop = nn.Dropout(dropout)
-        for layer in self.layers:
+        linears = [nn.Linear(i, o) for i, o in itertools.pairwise(widths)]
+        for layer in linears:
             nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(linears)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """Features (B, n_features) -> logits (B, n_classes)."""
@@ -51,7 +55,9 @@ class MLP(TrainModel):
         labels = sample_values(self.kind, samples, "target")
         for i, y in enumerate(labels):
             if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < self.n_classes:
-                raise ValueError(f"{self.kind}: sample {i} target must be an int in [0, {self.n_classes}), got {y!r}")
+                raise ValueError(
+                    f"{self.kind}: sample {i} target must be an int in [0, {self.n_classes}), got {y!r}"
+                )
         return {"x": x, "y": torch.tensor(labels, dtype=torch.long)}
 
     def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:

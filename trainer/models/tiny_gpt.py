@@ -133,10 +133,10 @@ class TinyGPT(TrainModel):
 
     def forward(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> next-token logits (B, T, VOCAB_SIZE)."""
-        T = idx.shape[1]
-        if T > self.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        n_tokens = idx.shape[1]
+        if n_tokens > self.block_size:
+            raise ValueError(f"sequence of {n_tokens} tokens exceeds block_size {self.block_size}")
+        pos = torch.arange(n_tokens, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
@@ -146,7 +146,9 @@ class TinyGPT(TrainModel):
         """-> idx (B, T) token ids, PAD-padded on the right; labels (B, T) next token or IGNORE."""
         texts = _strings(sample_values(self.kind, samples, "input"), "input")
         targets = _strings(sample_values(self.kind, samples, "target"), "target")
-        encoded = [encode_example(x, y, self.block_size, self.max_input) for x, y in zip(texts, targets)]
+        encoded = [
+            encode_example(x, y, self.block_size, self.max_input) for x, y in zip(texts, targets, strict=True)
+        ]
         T = max(len(seq) for seq, _ in encoded) - 1
         idx = torch.full((len(encoded), T), PAD, dtype=torch.long)
         labels = torch.full((len(encoded), T), IGNORE, dtype=torch.long)
@@ -199,7 +201,7 @@ class TinyGPT(TrainModel):
             length[rows] = n + 1
             done[rows] = (token == EOS) | (n + 1 == L)
         out = []
-        for seq, s, e in zip(buf.tolist(), start.tolist(), length.tolist()):
+        for seq, s, e in zip(buf.tolist(), start.tolist(), length.tolist(), strict=True):
             completion = [t for t in seq[s:e] if t < 256]  # drop the final EOS
             out.append(bytes(completion).decode("utf-8", errors="replace"))
         return out

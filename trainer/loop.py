@@ -1,0 +1,358 @@
+"""The learning loop: continual weighted training on the buffer, with online bilevel reweighting.
+
+Each step: take new stream entries into the weight table; draw a batch (never-scored samples first, the
+rest from the sum tree by weight, with an exploration floor); one forward/backward of the weighted loss
+sum_i c_i loss_i, c_i proportional to w_i / q_i (w the weight, q the draw probability); on outer steps,
+the same backward yields every sample's hypergradient score against the running validation gradient
+(trainer/hypergrad.py), which the weighting rule turns into weights (trainer/weighting/).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from store.feed import StreamEntry, TrainerFeed
+from store.meta import latest_checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.hypergrad import GhostScorer, val_grad
+from trainer.models import build_model
+from trainer.models.base import to_device
+from trainer.publish import Publisher
+from trainer.settings import TrainerSettings
+from trainer.state import TrainerState, load_state
+from trainer.table import WeightTable
+from trainer.weighting import make_weighting
+
+log = logging.getLogger("datadiet.trainer")
+COEF_FLOOR = 1e-8
+
+
+class PayloadCache:
+    """Sample payloads by ordinal, fetched from Redis in batches, least recently used dropped first."""
+
+    def __init__(self, feed: TrainerFeed, size: int) -> None:
+        self.feed, self.size = feed, size
+        self.items: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    def get(self, ordinals: np.ndarray) -> list[dict[str, Any] | None]:
+        out: list[dict[str, Any] | None] = [None] * len(ordinals)
+        missing = []
+        for j, o in enumerate(ordinals.tolist()):
+            hit = self.items.get(o)
+            if hit is None:
+                missing.append(j)
+            else:
+                self.items.move_to_end(o)
+                out[j] = hit
+        if missing:
+            fetched = self.feed.fetch([int(ordinals[j]) for j in missing])
+            for j, doc in zip(missing, fetched, strict=True):
+                out[j] = doc
+                if doc is not None and self.size:
+                    self.items[int(ordinals[j])] = doc
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return out
+
+
+class Trainer:
+    def __init__(self, settings: TrainerSettings, feed: TrainerFeed, engine: Engine) -> None:
+        s = self.settings = settings
+        self.device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if s.device == "auto" else s.device))  # fmt: skip
+        torch.manual_seed(s.seed)
+        self.rng = np.random.default_rng(s.seed)
+        self.model = build_model(s.model, s.model_params).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.scorer = GhostScorer(self.model.scored_modules())
+        self.weighting = make_weighting(s)
+        self.table = WeightTable()
+        self.feed = feed
+        self.cache = PayloadCache(feed, s.payload_cache)
+        self.publisher = Publisher(feed, engine, s.data_dir, s.publish_every_s)
+        self.engine = engine
+        self.step = 0
+        self.unacked: list[str] = []
+        self.val_version = -1
+        self.val_samples: list[dict[str, Any]] = []
+        self.g_val: list[torch.Tensor] | None = None
+        self.scorings = 0
+        self.val_loss = math.nan
+        self.train_loss = math.nan
+        self.stop_requested = False
+        self.autocast = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ start-up
+    def restore(self) -> None:
+        """Resume from the newest checkpoint of this model kind and config, if there is one."""
+        with Session(self.engine) as session:
+            row = latest_checkpoint(session)
+        if row is None:
+            log.info("no checkpoint yet: starting a new %s model", self.model.kind)
+            return
+        if row.model_kind != self.model.kind or row.config != self.model.config:
+            log.warning("newest checkpoint v%d is a %s %s, not this %s %s: starting fresh", row.version,
+                        row.model_kind, row.config, self.model.kind, self.model.config)  # fmt: skip
+            return
+        loaded = load_checkpoint(row.path, sha256=row.sha256, device=self.device)
+        self.model.load_state_dict(loaded.module.state_dict())
+        state = load_state(self.settings.data_dir, row.version)
+        self.step = row.step
+        if state is None:
+            log.warning("checkpoint v%d has no trainer state: resuming the model only", row.version)
+            return
+        self.opt.load_state_dict(state.optimizer)
+        self.table = WeightTable.from_state(state.table_arrays, state.info["table"])
+        self.weighting.load_state(state.info.get("weighting", {}))
+        self.scorings = int(state.info.get("scorings", 0))
+        if state.g_val is not None:
+            self.g_val = [torch.from_numpy(g).to(self.device) for g in state.g_val]
+        if "rng" in state.info:
+            self.rng.bit_generator.state = state.info["rng"]
+        self.val_version = int(state.info.get("val_version", -1))
+        log.info(
+            "resumed from checkpoint v%d at step %d with %d samples", row.version, self.step, self.table.live
+        )
+
+    def take_pending(self) -> None:
+        """Entries this consumer got but did not acknowledge before it stopped: back into the table."""
+        after = "0"
+        while True:
+            entries = self.feed.read_pending(self.settings.read_count, after=after)
+            if not entries:
+                break
+            self._add(entries)
+            after = entries[-1].entry_id
+        self._add(self.feed.claim_stale(self.settings.claim_idle_ms))
+
+    # ------------------------------------------------------------------ stream and validation
+    def _add(self, entries: list[StreamEntry]) -> None:
+        if not entries:
+            return
+        self.table.add(
+            np.array([e.ordinal for e in entries], dtype=np.int64),
+            np.array([e.group for e in entries], dtype=np.uint64),
+            [e.source for e in entries],
+        )
+        # acknowledged once the table holding them is saved (at the next checkpoint): at-least-once
+        self.unacked.extend(e.entry_id for e in entries)
+
+    def poll(self) -> None:
+        block = None if self.table.live else 1000
+        self._add(self.feed.read_new(self.settings.read_count, block_ms=block))
+
+    def refresh_validation(self) -> None:
+        version = self.feed.validation_version()
+        if version == self.val_version:
+            return
+        self.val_version, self.val_samples = self.feed.validation()
+        self.g_val = None
+        if self.step > 0:
+            self.weighting.on_validation_change(self.table)
+        log.info("validation set v%d: %d samples", self.val_version, len(self.val_samples))
+
+    # ------------------------------------------------------------------ one step
+    def _reweight(self) -> None:
+        t = self.table
+        w = self.weighting.weights(t, self.step)
+        t.cols["weight"][: t.n] = w
+        n_live = max(t.live, 1)
+        probs = (1 - self.settings.explore) * w / max(
+            float(w.sum()), 1e-12
+        ) + self.settings.explore * t.alive / n_live
+        t.set_sampling(np.where(t.alive, probs, 0.0))
+
+    def _batch(self, fresh_first: bool) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """(rows, loss coefficients summing to 1, payloads) for one batch; evicted samples dropped."""
+        s, t = self.settings, self.table
+        fresh = t.take_fresh(int(s.batch_size * s.fresh_fraction)) if fresh_first else np.empty(0, np.int64)
+        drawn = t.draw(s.batch_size - len(fresh), self.rng) if t.tree.total > 0 else np.empty(0, np.int64)
+        rows = np.concatenate([fresh, drawn]).astype(np.int64)
+        w = t.weight[rows].astype(np.float64)
+        q = t.tree.values(drawn) / t.tree.total if len(drawn) else np.empty(0)
+        coef = np.concatenate([w[: len(fresh)], w[len(fresh) :] / (max(t.live, 1) * np.maximum(q, 1e-12))])
+        payloads = self.cache.get(t.ordinal[rows])
+        keep = np.array([p is not None for p in payloads], dtype=bool)
+        if not keep.all():
+            t.kill(rows[~keep])
+        rows, coef = rows[keep], coef[keep]
+        coef = np.maximum(coef / max(coef.sum(), 1e-12), COEF_FLOOR)
+        return rows, coef / coef.sum(), [p for p in payloads if p is not None]
+
+    def _val_batch(self) -> dict[str, torch.Tensor]:
+        k = min(self.settings.val_batch_size, len(self.val_samples))
+        idx = self.rng.choice(len(self.val_samples), size=k, replace=False)
+        return to_device(self.model.collate([self.val_samples[i] for i in idx]), self.device)
+
+    def _refresh_g_val(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, grads = val_grad(self.model, self._val_batch())
+        grads = [g.float() for g in grads]
+        b = self.settings.val_grad_beta
+        if self.g_val is None:
+            self.g_val = grads
+        else:  # running average: G <- b G + (1 - b) g
+            self.g_val = [b * old + (1 - b) * new for old, new in zip(self.g_val, grads, strict=True)]
+        self.val_loss = loss if math.isnan(self.val_loss) else 0.8 * self.val_loss + 0.2 * loss
+
+    def train_step(self) -> bool:
+        """One inner step (and outer step when due); False when there was nothing to train on."""
+        s = self.settings
+        outer = self.step % s.outer_every == 0
+        scoring = outer and self.weighting.scores and bool(self.val_samples)
+        if self.step % s.reweight_every == 0:
+            self._reweight()
+        rows, coef, payloads = self._batch(fresh_first=outer)
+        if not len(rows):
+            return False
+        if scoring and (self.g_val is None or self.scorings % s.val_grad_every == 0):
+            self._refresh_g_val()
+        batch = to_device(self.model.collate(payloads), self.device)
+        c = torch.as_tensor(coef, dtype=torch.float32, device=self.device)
+        self.model.train()
+        for group in self.opt.param_groups:  # linear warm-up of the learning rate
+            group["lr"] = s.lr * min(1.0, (self.step + 1) / max(s.warmup_lr_steps, 1))
+        with self.scorer.capture() if scoring else _nullcontext():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                losses = self.model.per_sample_loss(batch)  # (B,)
+            loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
+            loss.backward()
+        if scoring:
+            assert self.g_val is not None
+            dots, norms = self.scorer.scores(c, self.g_val)
+            g_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in self.g_val)))
+            self.weighting.observe(self.table, rows, dots.double().cpu().numpy(), norms.double().cpu().numpy(),
+                                   g_norm, self.step)  # fmt: skip
+            self.scorings += 1
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        self.train_loss = lv if math.isnan(self.train_loss) else 0.95 * self.train_loss + 0.05 * lv
+        self.step += 1
+        return True
+
+    # ------------------------------------------------------------------ publishing
+    @torch.no_grad()
+    def full_val_loss(self, limit: int = 512) -> float:
+        if not self.val_samples:
+            return math.nan
+        self.model.eval()
+        losses = []
+        for i in range(0, min(len(self.val_samples), limit), 128):
+            batch = to_device(self.model.collate(self.val_samples[i : i + 128]), self.device)
+            losses.append(self.model.per_sample_loss(batch).float().cpu())
+        return float(torch.cat(losses).mean())
+
+    def state(self) -> TrainerState:
+        arrays, info = self.table.state()
+        return TrainerState(
+            step=self.step,
+            table_arrays=arrays,
+            info={
+                "table": info,
+                "weighting": self.weighting.state(),
+                "scorings": self.scorings,
+                "val_version": self.val_version,
+                "rng": self.rng.bit_generator.state,
+            },
+            optimizer=self.opt.state_dict(),
+            g_val=[g.float().cpu().numpy() for g in self.g_val] if self.g_val is not None else None,
+        )
+
+    def checkpoint(self) -> None:
+        self._reweight()
+        self.publish()
+        val = self.full_val_loss()
+        metrics = {"val_loss": None if math.isnan(val) else val, "train_loss": _finite(self.train_loss),
+                   "effective_fraction": (self.publisher.last_doc or {}).get("summary", {}).get("effective_fraction"),
+                   "live_samples": self.table.live, "validation_version": self.val_version}  # fmt: skip
+        settings = self.settings.model_dump(mode="json", exclude={"api_keys", "redis_url", "database_url"})
+        row = self.publisher.checkpoint(self.model, self.state(), metrics, settings)
+        self.feed.ack(self.unacked)  # the saved table holds them now
+        self.unacked.clear()
+        self.feed.trim_acknowledged()
+        log.info(
+            "published checkpoint v%d at step %d (val_loss %s)", row.version, self.step, metrics["val_loss"]
+        )
+
+    def publish(self) -> None:
+        self.publisher.publish_weights(self.table, self.step, self.weighting.name, self.status())
+
+    def status(self) -> dict[str, Any]:
+        return {"steps_per_s": round(self.rate, 3), "val_loss": _finite(self.val_loss) or "",
+                "train_loss": _finite(self.train_loss) or "", "method": self.weighting.name,
+                "device": self.device.type, "validation_version": self.val_version}  # fmt: skip
+
+    # ------------------------------------------------------------------ the process
+    rate = 0.0
+
+    def run(self) -> int:
+        s = self.settings
+        self.feed.ensure_group()
+        self.restore()
+        self.take_pending()
+        _install_signal_handlers(self)
+        last_progress = t_rate = time.monotonic()
+        steps_at_rate = self.step
+        if not s.max_steps or self.step < s.max_steps:
+            log.info("training %s (%s) on %s, %d samples in the table", self.model.kind, self.weighting.name,
+                     self.device, self.table.live)  # fmt: skip
+        while not self.stop_requested and (not s.max_steps or self.step < s.max_steps):
+            self.poll()
+            if self.step % s.validation_check_every == 0 or not self.val_samples:
+                self.refresh_validation()
+            if not self.table.live or not self.train_step():
+                continue
+            now = time.monotonic()
+            if now - t_rate >= 1.0:
+                self.rate = (self.step - steps_at_rate) / (now - t_rate)
+                t_rate, steps_at_rate = now, self.step
+            if self.publisher.due():
+                self.publish()
+            if self.step % s.checkpoint_every == 0:
+                self.checkpoint()
+            if now - last_progress >= s.progress_every_s:
+                last_progress = now
+                self._progress()
+        if self.step > 0:
+            self.checkpoint()
+        return 0
+
+    def _progress(self) -> None:
+        doc = self.publisher.last_doc or {}
+        eff = doc.get("summary", {}).get("effective_fraction", 1.0)
+        log.info("step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d | fresh %d",
+                 self.step, self.rate, self.val_loss, self.train_loss, eff, self.table.live,
+                 len(self.table.fresh))  # fmt: skip
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _install_signal_handlers(trainer: Trainer) -> None:
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the step, writing a final checkpoint", signum)
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

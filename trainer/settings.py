@@ -1,0 +1,51 @@
+"""The trainer's settings: the shared ``DATADIET_*`` settings plus the learning loop's knobs.
+
+Every default here is the one the benchmarks (bench/trainer.py, bench/quality.py) use.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from store.config import Settings
+
+
+class TrainerSettings(Settings):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_lr_steps: int = Field(50, ge=0, description="linear learning-rate warm-up")
+
+    # outer loop (see trainer/weighting/bilevel.py for the rule and its knobs)
+    outer_every: int = Field(1, ge=1, description="score the batch every k-th step")
+    val_batch_size: int = Field(64, ge=1)
+    val_grad_every: int = Field(
+        4, ge=1, description="refresh the running validation gradient every k scorings"
+    )
+    val_grad_beta: float = Field(0.5, ge=0, lt=1, description="running average of the validation gradient")
+    fresh_fraction: float = Field(
+        0.5, ge=0, le=1, description="share of a batch reserved for unscored samples"
+    )
+    explore: float = Field(0.05, ge=0, le=1, description="uniform floor mixed into the sampling distribution")
+    reweight_every: int = Field(10, ge=1, description="recompute every sample's weight every k steps")
+
+    # bilevel weighting rule
+    warmup_steps: int = Field(150, ge=0, description="steps before the learned weights take full effect")
+    source_beta: float = Field(0.05, gt=0, le=1)
+    source_scale: float = Field(2.0, ge=0)
+    sample_scale: float = Field(1.0, ge=0)
+    sample_prior_visits: float = Field(2.0, gt=0)
+    max_logit: float = Field(4.0, gt=0)
+
+    # I/O
+    publish_every_s: float = Field(2.0, gt=0)
+    progress_every_s: float = Field(5.0, gt=0)
+    validation_check_every: int = Field(10, ge=1, description="steps between checks for a new validation set")
+    payload_cache: int = Field(50_000, ge=0)
+    read_count: int = Field(5_000, ge=1, description="stream entries read per poll")
+    claim_idle_ms: int = Field(60_000, ge=1)
+    consumer: str = "trainer-0"

@@ -1,0 +1,162 @@
+"""The weight table: one row per live sample, a few bytes each, and the sum tree that samples batches.
+
+Per row: the sample's ordinal (int64, the key of its payload in Redis), its content group (uint64: identical
+content shares it), its source (uint16 index into ``sources``), the running sum of its centred outer-step
+scores (float32) and how often it was scored (uint16). Rows of evicted samples are marked dead (sampling
+value 0) and compacted away when they pile up. Memory: 8 + 8 + 2 + 4 + 2 + 1 = 25 bytes a row, plus the
+sum tree's ~8.5 and a float32 weight: ~38 bytes per live sample.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from trainer.sumtree import SumTree
+
+_FIELDS: dict[str, Any] = {
+    "ordinal": np.int64,
+    "group": np.uint64,
+    "source": np.uint16,
+    "score_sum": np.float32,
+    "visits": np.uint16,
+    "alive": np.bool_,
+    "weight": np.float32,
+}
+
+
+class WeightTable:
+    def __init__(self, capacity: int = 1024) -> None:
+        self.n = 0  # rows in use (live and dead)
+        self.cols: dict[str, np.ndarray] = {k: np.zeros(capacity, dtype=t) for k, t in _FIELDS.items()}
+        self.sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+        self.tree = SumTree(capacity)
+        self.fresh: deque[int] = deque()  # rows never scored yet, oldest first
+        self.evicted = 0  # rows dropped because their sample left the buffer
+
+    # columns -----------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> np.ndarray:
+        cols = self.__dict__.get("cols")
+        if cols is not None and name in cols:
+            return cols[name][: self.n]
+        raise AttributeError(name)
+
+    @property
+    def live(self) -> int:
+        return int(self.cols["alive"][: self.n].sum())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cols.values()) + self.tree.nbytes
+
+    def source_id(self, name: str) -> int:
+        idx = self._source_index.get(name)
+        if idx is None:
+            idx = self._source_index[name] = len(self.sources)
+            self.sources.append(name)
+        return idx
+
+    # growth and removal ----------------------------------------------------------------------------
+    def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
+        """Append rows for samples not already in the table; returns the new rows' indices."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        keep = ~np.isin(ordinals, self.ordinal) if self.n else np.ones(len(ordinals), bool)
+        keep &= _first_occurrence(ordinals)
+        if not keep.any():
+            return np.empty(0, dtype=np.int64)
+        ordinals, groups = ordinals[keep], np.asarray(groups, dtype=np.uint64)[keep]
+        src = np.array([self.source_id(s) for s, k in zip(sources, keep, strict=True) if k], dtype=np.uint16)
+        rows = np.arange(self.n, self.n + len(ordinals))
+        self._reserve(self.n + len(ordinals))
+        c = self.cols
+        c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
+        c["score_sum"][rows], c["visits"][rows], c["alive"][rows], c["weight"][rows] = 0, 0, True, 1.0
+        self.n += len(rows)
+        self.tree.update(rows, np.ones(len(rows)))
+        self.fresh.extend(rows.tolist())
+        return rows
+
+    def kill(self, rows: np.ndarray) -> None:
+        """Mark rows whose samples were evicted from the buffer."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[self.cols["alive"][rows]]
+        if len(rows):
+            self.cols["alive"][rows] = False
+            self.cols["weight"][rows] = 0
+            self.tree.update(rows, np.zeros(len(rows)))
+            self.evicted += len(rows)
+
+    def compact(self) -> np.ndarray | None:
+        """Drop dead rows when they are over a quarter of the table; returns old->new row map or None."""
+        dead = self.n - self.live
+        if dead == 0 or dead < self.n // 4:
+            return None
+        alive = self.cols["alive"][: self.n]
+        remap = np.full(self.n, -1, dtype=np.int64)
+        remap[alive] = np.arange(int(alive.sum()))
+        for k, col in self.cols.items():
+            self.cols[k] = np.concatenate(
+                [col[: self.n][alive], np.zeros(len(col) - int(alive.sum()), col.dtype)]
+            )
+        self.n = int(alive.sum())
+        self.tree = SumTree(len(self.cols["alive"]))
+        self.fresh = deque(int(remap[r]) for r in self.fresh if remap[r] >= 0)
+        return remap
+
+    def _reserve(self, needed: int) -> None:
+        cap = len(self.cols["alive"])
+        if needed <= cap:
+            return
+        while cap < needed:
+            cap *= 2
+        for k, col in self.cols.items():
+            grown = np.zeros(cap, dtype=col.dtype)
+            grown[: len(col)] = col
+            self.cols[k] = grown
+
+    # sampling --------------------------------------------------------------------------------------
+    def set_sampling(self, probs: np.ndarray) -> None:
+        """Sampling mass of every row (dead rows must be 0)."""
+        self.tree.update(np.arange(self.n), probs)
+
+    def draw(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self.tree.sample(k, rng)
+
+    def take_fresh(self, k: int) -> np.ndarray:
+        out = []
+        alive = self.cols["alive"]
+        while self.fresh and len(out) < k:
+            r = self.fresh.popleft()
+            if alive[r]:
+                out.append(r)
+        return np.array(out, dtype=np.int64)
+
+    # persistence -----------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
+        arrays["fresh"] = np.array(list(self.fresh), dtype=np.int64)
+        return arrays, {"sources": self.sources, "evicted": self.evicted}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> WeightTable:
+        n = len(arrays["ordinal"])
+        t = cls(max(1024, n))
+        for k in _FIELDS:
+            t.cols[k][:n] = arrays[k]
+        t.n = n
+        for s in info["sources"]:
+            t.source_id(s)
+        t.evicted = int(info.get("evicted", 0))
+        t.fresh = deque(int(r) for r in arrays["fresh"])
+        t.set_sampling(np.where(t.alive, np.maximum(t.weight, 1e-6), 0.0))
+        return t
+
+
+def _first_occurrence(x: np.ndarray) -> np.ndarray:
+    _, first = np.unique(x, return_index=True)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[first] = True
+    return mask

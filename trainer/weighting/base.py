@@ -1,0 +1,58 @@
+"""The interface between the training loop and a weighting rule."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from trainer.settings import TrainerSettings
+from trainer.table import WeightTable
+
+
+class Weighting:
+    """A weighting rule. ``scores`` says whether the loop must compute outer-step scores at all."""
+
+    name: ClassVar[str] = "base"
+    scores: ClassVar[bool] = False
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = settings
+
+    def observe(self, table: WeightTable, rows: np.ndarray, dots: np.ndarray, norms: np.ndarray,
+                g_norm: float, step: int) -> None:  # fmt: skip
+        """Take one batch's outer-step scores: dots = <grad loss_i, G_val>, norms = ||grad loss_i||."""
+
+    def weights(self, table: WeightTable, step: int) -> np.ndarray:
+        """Every row's weight (dead rows 0), averaging 1 over live rows."""
+        return np.where(table.alive, 1.0, 0.0).astype(np.float32)
+
+    def on_validation_change(self, table: WeightTable) -> None:
+        """The task changed: let old evidence fade."""
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def normalise(raw: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Scale so live weights average 1; dead rows 0."""
+    raw = np.where(alive, raw, 0.0)
+    n = int(alive.sum())
+    total = float(raw.sum())
+    if n == 0 or total <= 0:
+        return np.where(alive, 1.0, 0.0).astype(np.float32)
+    return (raw * (n / total)).astype(np.float32)
+
+
+def group_counts(table: WeightTable) -> np.ndarray:
+    """For each row, how many live rows share its content group (1 for unique content, 0 for dead rows)."""
+    alive = table.alive
+    counts = np.zeros(table.n, dtype=np.float64)
+    if not alive.any():
+        return counts
+    _, inverse, n = np.unique(table.group[alive], return_inverse=True, return_counts=True)
+    counts[alive] = n[inverse]
+    return counts
