@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,17 @@ class Unavailable(DatadietError):
     headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
 
 
-def _render(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> ORJSONResponse:
-    return ORJSONResponse(body, status_code=status, headers=headers)
+def _render(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DatadietError)
-    async def _domain(_: Request, exc: DatadietError) -> ORJSONResponse:
+    async def _domain(_: Request, exc: DatadietError) -> JSONResponse:
         return _render(exc.status, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
             for e in exc.errors()
@@ -71,12 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return _render(422, {"error": {"type": "ValidationError", "detail": detail, "errors": errors}})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return _render(exc.status_code, {"error": {"type": kind, "detail": str(exc.detail)}}, exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         import redis
 
         if isinstance(exc, redis.RedisError):

@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import install_error_handlers
@@ -65,7 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Online data selection for models that keep learning from their agents",
         version="0.1.0",
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     install_error_handlers(app)
     for module in (samples, validation, weights, checkpoints, status):

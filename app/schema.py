@@ -24,6 +24,7 @@ MAX_SAMPLES_PER_REQUEST = 10_000
 MAX_TEXT_BYTES = 8_192
 MAX_META_BYTES = 4_096
 MAX_REPORTED_ERRORS = 20
+VECTOR_LEVELS = 20  # near-duplicate vectors: equal after quantising to 1/20 of their largest magnitude
 FIELDS = frozenset({"id", "source", "input", "target", "reward", "meta"})
 
 # The request body as OpenAPI shows it (the handler parses and checks the body itself, for speed).
@@ -63,15 +64,17 @@ def content_id(source: Any, input: Any, target: Any) -> str:
 
 
 def content_group(input: Any, target: Any) -> str:
-    """A 64-bit key shared by identical or trivially different content, whatever its id or source.
+    """A 64-bit key shared by identical or near-identical content, whatever its id or source.
 
-    Text is compared case- and whitespace-insensitively, vectors after rounding to 2 decimals: copies share
-    one weight in the trainer instead of multiplying it.
+    Text is compared case- and whitespace-insensitively; vectors after quantising each element to 1/20 of
+    the vector's largest magnitude (copies with faint noise agree). Copies share one weight in the trainer
+    instead of multiplying it.
     """
     if isinstance(input, str):
         key: Any = " ".join(input.lower().split())
     else:
-        key = [round(float(x), 2) for x in input]
+        scale = max((abs(float(x)) for x in input), default=0.0) or 1.0
+        key = [round(float(x) / scale * VECTOR_LEVELS) for x in input]
     tgt = " ".join(target.lower().split()) if isinstance(target, str) else target
     return hashlib.blake2b(orjson.dumps([key, tgt]), digest_size=8).hexdigest()
 

@@ -14,7 +14,7 @@ Fixtures, from low to high level:
     database_url       test      parametrised: sqlite, postgresql (skipped without the env var)
     make_settings      test      Settings(**overrides) on redis_url and the tmp dir
     make_client        test      a started TestClient (lifespan run) for create_app(settings)
-    client             test      make_client() with the default settings
+    app_client         test      make_client() with the default settings
     start_api          test      run the API under uvicorn in a subprocess, returns its base URL
     live_api           test      start_api() with the default environment
 """
@@ -232,7 +232,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
 
 
 @pytest.fixture
-def client(make_settings: Callable[..., Settings], make_client: Callable[..., TestClient]) -> TestClient:
+def app_client(make_settings: Callable[..., Settings], make_client: Callable[..., TestClient]) -> TestClient:
     """The app with default settings (tiny-gpt, text samples) on the test's Redis and SQLite."""
     return make_client(make_settings())
 

@@ -143,26 +143,17 @@ class GhostScorer:
             G_W = g_val[p]
             G_b = g_val[p + 1] if m.bias is not None else None
             p += 1 if m.bias is None else 2
-            pairs = [(a, self._grads[j][k]) for k, a in enumerate(self._inputs[j]) if k in self._grads[j]]
+            pairs = [
+                (_as_btd(a), _as_btd(self._grads[j][k]))
+                for k, a in enumerate(self._inputs[j])
+                if k in self._grads[j]
+            ]
             if not pairs:
                 continue  # layer unused by the loss: its per-sample gradients are zero
             # several calls of one layer (weight sharing) are more time steps of the same sample
-            a = torch.cat([_as_btd(x) for x, _ in pairs], dim=1)  # (B, T, d_in)
-            g = torch.cat([_as_btd(y) for _, y in pairs], dim=1)  # (B, T, d_out)
-            dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
-            a, g = a.to(dt), g.to(dt)
-            G_W = G_W.to(device=a.device, dtype=dt)  # (d_out, d_in)
-            # <grad W_i, G_W> = sum_t g_it . (G_W a_it): (B, T, d_out) -> (B,)
-            dot = ((a @ G_W.T) * g).sum(dim=(1, 2))
-            # ||grad W_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is): (B, T, T) -> (B,)
-            if a.shape[1] == 1:
-                sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
-            else:
-                sq = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
-            if G_b is not None:
-                g_sum = g.sum(dim=1)  # (B, d_out) = grad b_i
-                dot = dot + g_sum @ G_b.to(device=a.device, dtype=dt)  # <grad b_i, G_b>: (B,)
-                sq = sq + g_sum.square().sum(dim=1)  # ||grad b_i||^2: (B,)
+            a = pairs[0][0] if len(pairs) == 1 else torch.cat([x for x, _ in pairs], dim=1)  # (B, T, d_in)
+            g = pairs[0][1] if len(pairs) == 1 else torch.cat([y for _, y in pairs], dim=1)  # (B, T, d_out)
+            dot, sq = layer_scores(a, g, G_W, G_b)
             dot_sum = dot if dot_sum is None else dot_sum + dot
             sq_sum = sq if sq_sum is None else sq_sum + sq
         if dot_sum is None or sq_sum is None:
@@ -177,6 +168,46 @@ class GhostScorer:
 def _as_btd(x: Tensor) -> Tensor:
     """(B, d) -> (B, 1, d); (B, ..., d) -> (B, T, d) with T the product of the middle dims."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One Linear's (dots (B,), squared norms (B,)) from inputs a (B, T, d_in), output-gradients
+    g (B, T, d_out) and the validation gradient G_W (d_out, d_in), G_b (d_out,) or None; float32 or wider.
+
+    Positions with g_it = 0 add nothing to any term, so they are dropped first: padding, and in the layers
+    after the last attention every position that is not a target (often most of them)."""
+    dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+    a, g = a.to(dt), g.to(dt)
+    G_W = G_W.to(device=a.device, dtype=dt)
+    B, T = g.shape[:2]
+    g_sum = g.sum(dim=1)  # grad b_i = sum_t g_it: (B, d_out)
+    if T == 1:  # a vector model: grad W_i = g_i a_i^T, ||grad W_i||^2 = |a_i|^2 |g_i|^2
+        a, g = a[:, 0], g[:, 0]  # (B, d_in), (B, d_out)
+        dot = ((a @ G_W.T) * g).sum(dim=1)  # (B,)
+        sq = a.square().sum(dim=1) * g.square().sum(dim=1)  # (B,)
+    else:
+        live = g.ne(0).any(dim=-1)  # (B, T) positions that carry gradient
+        n_live = live.sum(dim=1)  # (B,)
+        # <grad W_i, G_W> = sum_t g_it . (G_W a_it)
+        if int(n_live.sum()) < 0.9 * B * T:  # over live rows only: (N, d_out) -> (N,) -> (B,)
+            rows = live.nonzero()[:, 0]  # (N,) sample of each live row
+            a_live, g_live = a[live], g[live]  # (N, d_in), (N, d_out)
+            per_row = ((a_live @ G_W.T) * g_live).sum(dim=1)  # (N,)
+            dot = torch.zeros(B, dtype=dt, device=a.device).index_add_(0, rows, per_row)
+        else:
+            dot = ((a @ G_W.T) * g).sum(dim=(1, 2))  # (B, T, d_out) -> (B,)
+        t_live = int(n_live.max())
+        if t_live < 0.75 * T:  # pack each sample's live positions to the front: T' = t_live < T
+            order = torch.argsort((~live).to(torch.uint8), dim=1, stable=True)[:, :t_live, None]  # (B, T', 1)
+            a = a.gather(1, order.expand(-1, -1, a.shape[-1]))  # (B, T', d_in)
+            g = g.gather(1, order.expand(-1, -1, g.shape[-1]))  # (B, T', d_out), 0 past a sample's count
+        # ||grad W_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is): (B, T', T') -> (B,)
+        sq = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+
+    if G_b is not None:
+        dot = dot + g_sum @ G_b.to(device=a.device, dtype=dt)  # <grad b_i, G_b>: (B,)
+        sq = sq + g_sum.square().sum(dim=1)  # ||grad b_i||^2: (B,)
+    return dot, sq
 
 
 def val_grad(model: TrainModel, batch: Mapping[str, Tensor]) -> tuple[float, list[Tensor]]:

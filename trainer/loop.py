@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from collections import OrderedDict
@@ -70,6 +71,9 @@ class Trainer:
         s = self.settings = settings
         self.device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if s.device == "auto" else s.device))  # fmt: skip
+        if self.device.type == "cpu":
+            # the API shares the machine; torch's spinning worker threads slow everything down when oversubscribed
+            torch.set_num_threads(s.torch_threads or max(1, min(8, (os.cpu_count() or 2) - 1)))
         torch.manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)
         self.model = build_model(s.model, s.model_params).to(self.device)
@@ -82,6 +86,7 @@ class Trainer:
         self.publisher = Publisher(feed, engine, s.data_dir, s.publish_every_s)
         self.engine = engine
         self.step = 0
+        self.checkpointed_step = -1
         self.unacked: list[str] = []
         self.val_version = -1
         self.val_samples: list[dict[str, Any]] = []
@@ -107,7 +112,7 @@ class Trainer:
         loaded = load_checkpoint(row.path, sha256=row.sha256, device=self.device)
         self.model.load_state_dict(loaded.module.state_dict())
         state = load_state(self.settings.data_dir, row.version)
-        self.step = row.step
+        self.step = self.checkpointed_step = row.step
         if state is None:
             log.warning("checkpoint v%d has no trainer state: resuming the model only", row.version)
             return
@@ -234,6 +239,9 @@ class Trainer:
             self.weighting.observe(self.table, rows, dots.double().cpu().numpy(), norms.double().cpu().numpy(),
                                    g_norm, self.step)  # fmt: skip
             self.scorings += 1
+            # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
+            again = rows[self.table.visits[rows] < s.min_visits]
+            self.table.fresh.extend(np.unique(again).tolist())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -279,6 +287,7 @@ class Trainer:
                    "live_samples": self.table.live, "validation_version": self.val_version}  # fmt: skip
         settings = self.settings.model_dump(mode="json", exclude={"api_keys", "redis_url", "database_url"})
         row = self.publisher.checkpoint(self.model, self.state(), metrics, settings)
+        self.checkpointed_step = self.step
         self.feed.ack(self.unacked)  # the saved table holds them now
         self.unacked.clear()
         self.feed.trim_acknowledged()
@@ -325,7 +334,7 @@ class Trainer:
             if now - last_progress >= s.progress_every_s:
                 last_progress = now
                 self._progress()
-        if self.step > 0:
+        if self.step > 0 and self.step != self.checkpointed_step:
             self.checkpoint()
         return 0
 

@@ -14,6 +14,7 @@ from store.config import Settings
 
 class TrainerSettings(Settings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0: one less than the cores, 1-8")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -30,6 +31,7 @@ class TrainerSettings(Settings):
     fresh_fraction: float = Field(
         0.5, ge=0, le=1, description="share of a batch reserved for unscored samples"
     )
+    min_visits: int = Field(3, ge=1, description="a sample stays in the priority queue until scored this often")
     explore: float = Field(0.05, ge=0, le=1, description="uniform floor mixed into the sampling distribution")
     reweight_every: int = Field(10, ge=1, description="recompute every sample's weight every k steps")
 

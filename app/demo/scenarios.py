@@ -8,7 +8,7 @@ Each builder returns a :class:`Scenario`; ``build_scenario(name, seed)`` picks o
 | ``redundancy`` | clean-a, clean-b, and a flood of 20 problems at 10x each one's volume | copies |
 | ``misaligned`` | clean-a 40%, clean-b 30%, offtask 30% (``ABSDIFF`` on the same prompts) | a conflict |
 | ``drift`` | agent-a 60%, agent-b 40%; ``ADD`` then ``ADD_REVERSED`` from ``switch_at`` on | a task change |
-| ``digits`` | clean 30%, noisy-60 30%, offtask 15% (digit + 1), flood 25% (``mlp`` kind) | all, on images |
+| ``digits`` | clean 20%, noisy-60 30%, offtask 30% (digit + 1), flood 20% (``mlp`` kind) | all, on images |
 | ``demo`` | agent-good, agent-sloppy, agent-spammy, agent-offtask | ``datadiet demo`` |
 
 Problems are split once per scenario seed into 100 validation, 500 test and a pool for the stream, with
@@ -38,6 +38,7 @@ from app.demo.tasks import (
 
 N_VALIDATION = 100
 N_TEST = 500
+_CHUNK = 4096  # stream draws sources this many at a time
 TINY_GPT: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 64}
 MLP_DIGITS: dict[str, Any] = {"n_features": 64, "n_classes": 10}
 
@@ -97,16 +98,22 @@ class Scenario:
         """
         rng = np.random.default_rng([self.seed, seed])
         shares = np.array([share for _, share in self.sources])
-        picks = rng.choice(len(self.sources), size=n, p=shares / shares.sum())
+        cdf = np.cumsum(shares / shares.sum())
         feeds = [
             _Feed(
                 self, source, seed, np.random.default_rng([self.seed, seed, zlib.crc32(source.name.encode())])
             )
             for source, _ in self.sources
         ]
-        for t, j in enumerate(picks.tolist()):
-            switched = self.switch_at is not None and t >= self.switch_at
-            yield feeds[j].next(self.task_v2 if switched and self.task_v2 is not None else self.task)
+        t = 0
+        while t < n:
+            # sources by share, drawn in chunks: a long stream costs no memory up front, and chunking
+            # does not change the draws, so shorter streams are prefixes of longer ones
+            picks = np.minimum(cdf.searchsorted(rng.random(min(_CHUNK, n - t)), side="right"), len(cdf) - 1)
+            for j in picks.tolist():
+                switched = self.switch_at is not None and t >= self.switch_at
+                yield feeds[j].next(self.task_v2 if switched and self.task_v2 is not None else self.task)
+                t += 1
 
 
 class _Feed:
@@ -277,7 +284,13 @@ def demo_scenario(seed: int = 0) -> Scenario:
 
 
 def digits_scenario(seed: int = 0) -> Scenario:
-    """scikit-learn's digits for the ``mlp`` kind: 1,197 stream images, 100 validation, 500 test."""
+    """scikit-learn's digits for the ``mlp`` kind: 1,197 stream images, 100 validation, 500 test.
+
+    48% of samples are wrong (0.3 * 0.6 random labels + 0.3 off-task), and the off-task labelling is
+    nearly as frequent per image as the true one. Measured with the ``mlp`` kind, plain AdamW (lr 1e-3,
+    batch 64, 1,500 steps, 10,000 stream samples, seeds 0 and 1): uniform 0.59 test accuracy, the
+    clean samples alone 0.95-0.96, the 100 validation images alone 0.89-0.91.
+    """
     task, offtask = load_digits_tasks()
     val, test, pool = _split(task.n_problems, seed)
     return Scenario(
@@ -285,10 +298,10 @@ def digits_scenario(seed: int = 0) -> Scenario:
         model="mlp",
         model_config=dict(MLP_DIGITS),
         sources=[
-            (Source.clean("clean"), 0.3),
+            (Source.clean("clean"), 0.2),
             (Source.noisy("noisy-60", 0.6), 0.3),
-            (Source.offtask("offtask"), 0.15),
-            (Source.flood("flood", pool=20, copies=20), 0.25),
+            (Source.offtask("offtask"), 0.3),
+            (Source.flood("flood", pool=20, copies=20), 0.2),
         ],
         validation=_held_out("digits", "validation", seed, task, val),
         test=_held_out("digits", "test", seed, task, test),

@@ -44,7 +44,10 @@ _OPERANDS_RE = re.compile(r"\s*(\d+)\+(\d+)=\s*")
 class Task(Protocol):
     """A mapping from problems to (input, target), plus the ways a source gets it wrong or repeats it."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The task's name, as samples carry it in ``meta["task"]``."""
+        ...
 
     def input_of(self, problem: int) -> Input:
         """The canonical input for ``problem``."""
@@ -71,6 +74,7 @@ class ArithmeticTask:
     value: Callable[[int, int], int]
     render: Callable[[int], str] = str
     digits: int = 2
+    slip: Callable[[int, int], int] | None = None  # a sloppy agent's value; None: off by one or ten
 
     @property
     def n_problems(self) -> int:
@@ -101,8 +105,11 @@ class ArithmeticTask:
         return self.render(self.value(*self.operands(problem)))
 
     def wrong_target(self, problem: int, rng: np.random.Generator) -> str:
-        """The answer off by one or by ten (a slip, or a dropped carry), never negative nor correct."""
-        right = self.value(*self.operands(problem))
+        """``slip``'s answer when the task has one, else off by one or ten at random; never correct."""
+        a, b = self.operands(problem)
+        right = self.value(a, b)
+        if self.slip is not None:
+            return self.render(self.slip(a, b))
         deltas = [
             d for d in (-10, -1, 1, 10) if right + d >= 0 and self.render(right + d) != self.render(right)
         ]
@@ -121,9 +128,18 @@ def _reversed_digits(value: int) -> str:
     return str(value)[::-1]
 
 
-ADD = ArithmeticTask("add", lambda a, b: a + b)
+def _carry_slip(a: int, b: int) -> int:
+    """``a + b`` with the units carry got wrong: dropped where there is one, added where there is none.
+
+    47+38 -> 75, 12+13 -> 35. One consistent mistake on the hardest part of the task (the carry), so
+    sloppy samples teach a competing rule instead of averaging out as scattered noise would.
+    """
+    return a + b - 10 if a % 10 + b % 10 >= 10 else a + b + 10
+
+
+ADD = ArithmeticTask("add", lambda a, b: a + b, slip=_carry_slip)
 ABSDIFF = ArithmeticTask("absdiff", lambda a, b: abs(a - b))
-ADD_REVERSED = ArithmeticTask("add-reversed", lambda a, b: a + b, render=_reversed_digits)
+ADD_REVERSED = ArithmeticTask("add-reversed", lambda a, b: a + b, render=_reversed_digits, slip=_carry_slip)
 
 
 @dataclass(frozen=True, eq=False)

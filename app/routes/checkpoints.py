@@ -54,7 +54,8 @@ def download_checkpoint(*, version: str, request: Request, session: SessionDep) 
     etag = f'"{ckpt.sha256}"'
     headers = {"ETag": etag, "X-Checkpoint-Version": str(ckpt.version), "Cache-Control": "no-cache"}
     inm = request.headers.get("if-none-match")
-    if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+    # weak comparison, as RFC 9110 asks of If-None-Match: W/"x" matches "x"
+    if inm is not None and (inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]):
         return Response(status_code=304, headers=headers)
     path = Path(ckpt.path)
     if not path.is_file():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+import orjson
+from fastapi import APIRouter, Request, Response
 
 from app.deps import BufferDep, SpecDep, read_json
 from app.errors import NotFound
@@ -15,14 +15,14 @@ router = APIRouter(prefix="/v1/samples", tags=["samples"])
 
 
 @router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY})
-async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) -> ORJSONResponse:
+async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) -> Response:
     """Ingest 1-10,000 samples, all or nothing; re-posting an id is a duplicate, not an error."""
     samples = samples_list(await read_json(request))
     validate_samples(samples, spec)
     records = [to_record(s) for s in samples]
     result = await buffer.ingest(records)
     body = {"accepted": result.accepted, "duplicates": result.duplicates, "ids": [r.id for r in records]}
-    return ORJSONResponse(body, status_code=202)
+    return Response(orjson.dumps(body), status_code=202, media_type="application/json")
 
 
 @router.get("/{sample_id}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import ORJSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(*, buffer: BufferDep, engine: EngineDep) -> ORJSONResponse:
+async def readyz(*, buffer: BufferDep, engine: EngineDep) -> JSONResponse:
     """Redis and the database answer: 200, else 503 naming what is down."""
     problems: dict[str, str] = {}
     try:
@@ -40,8 +40,8 @@ async def readyz(*, buffer: BufferDep, engine: EngineDep) -> ORJSONResponse:
     if problems:
         detail = "; ".join(f"{k} is unavailable ({v})" for k, v in problems.items())
         body = {"error": {"type": "Unavailable", "detail": detail, "checks": problems}}
-        return ORJSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-    return ORJSONResponse({"status": "ready", "checks": {"redis": "ok", "database": "ok"}})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "checks": {"redis": "ok", "database": "ok"}})
 
 
 @router.get("/v1/stats")

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from conftest import RedisServer
 
 
-def test_healthz_and_readyz_are_200_when_redis_and_database_answer(client: TestClient) -> None:
-    assert client.get("/healthz").status_code == 200
-    ready = client.get("/readyz")
+def test_healthz_and_readyz_are_200_when_redis_and_database_answer(app_client: TestClient) -> None:
+    assert app_client.get("/healthz").status_code == 200
+    ready = app_client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"redis": "ok", "database": "ok"}
 

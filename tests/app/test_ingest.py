@@ -29,16 +29,16 @@ def vector_sample(i: int = 0, **fields: Any) -> dict[str, Any]:
     return {"id": f"v{i}", "source": "sensor", "input": [0.5, -1.0, 2.0, float(i)], "target": i % 3, **fields}
 
 
-def post(client: TestClient, samples: list[Any]) -> httpx.Response:
-    return client.post("/v1/samples", json={"samples": samples})
+def post(app_client: TestClient, samples: list[Any]) -> httpx.Response:
+    return app_client.post("/v1/samples", json={"samples": samples})
 
 
-def post_raw(client: TestClient, body: str | bytes) -> httpx.Response:
-    return client.post("/v1/samples", content=body, headers={"Content-Type": "application/json"})
+def post_raw(app_client: TestClient, body: str | bytes) -> httpx.Response:
+    return app_client.post("/v1/samples", content=body, headers={"Content-Type": "application/json"})
 
 
-def buffer_stats(client: TestClient) -> dict[str, Any]:
-    return client.get("/v1/stats").json()["buffer"]
+def buffer_stats(app_client: TestClient) -> dict[str, Any]:
+    return app_client.get("/v1/stats").json()["buffer"]
 
 
 def error_of(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
@@ -100,13 +100,13 @@ def assert_rejected_naming(response: httpx.Response, index: int, field: str) -> 
 
 @pytest.mark.parametrize(("fields", "field"), TEXT_REJECTIONS.values(), ids=TEXT_REJECTIONS.keys())
 def test_ingest_rejects_bad_text_sample_naming_index_and_field(
-    client: TestClient, fields: dict[str, Any], field: str
+    app_client: TestClient, fields: dict[str, Any], field: str
 ) -> None:
-    before = buffer_stats(client)
+    before = buffer_stats(app_client)
     batch = [text_sample(0), text_sample(1), with_fields(text_sample(2), fields)]
 
-    assert_rejected_naming(post(client, batch), 2, field)
-    assert buffer_stats(client) == before
+    assert_rejected_naming(post(app_client, batch), 2, field)
+    assert buffer_stats(app_client) == before
 
 
 VECTOR_REJECTIONS: dict[str, tuple[dict[str, Any], str]] = {
@@ -151,13 +151,15 @@ NON_FINITE_LITERALS = {
 
 
 @pytest.mark.parametrize("literal", NON_FINITE_LITERALS.values(), ids=NON_FINITE_LITERALS.keys())
-def test_ingest_rejects_non_finite_reward_naming_index_and_field(client: TestClient, literal: str) -> None:
+def test_ingest_rejects_non_finite_reward_naming_index_and_field(
+    app_client: TestClient, literal: str
+) -> None:
     good = json.dumps(text_sample(0))
     bad = json.dumps(text_sample(1))[:-1] + f', "reward": {literal}}}'
-    before = buffer_stats(client)
+    before = buffer_stats(app_client)
 
-    assert_rejected_naming(post_raw(client, f'{{"samples": [{good}, {bad}]}}'), 1, "reward")
-    assert buffer_stats(client) == before
+    assert_rejected_naming(post_raw(app_client, f'{{"samples": [{good}, {bad}]}}'), 1, "reward")
+    assert buffer_stats(app_client) == before
 
 
 @pytest.mark.parametrize("literal", NON_FINITE_LITERALS.values(), ids=NON_FINITE_LITERALS.keys())
@@ -171,50 +173,50 @@ def test_ingest_rejects_non_finite_feature_naming_index_and_field(
     assert buffer_stats(mlp_client)["size"] == 0
 
 
-def test_ingest_rejects_nan_inside_meta_naming_index_and_field(client: TestClient) -> None:
+def test_ingest_rejects_nan_inside_meta_naming_index_and_field(app_client: TestClient) -> None:
     bad = '{"source": "a", "input": "q", "target": "t", "meta": {"scores": [1.0, NaN]}}'
 
-    assert_rejected_naming(post_raw(client, f'{{"samples": [{bad}]}}'), 0, "meta")
+    assert_rejected_naming(post_raw(app_client, f'{{"samples": [{bad}]}}'), 0, "meta")
 
 
-def test_ingest_rejects_a_sample_that_is_not_an_object(client: TestClient) -> None:
-    error = error_of(post(client, [text_sample(0), "what is 2+2?"]), 422, "ValidationError")
+def test_ingest_rejects_a_sample_that_is_not_an_object(app_client: TestClient) -> None:
+    error = error_of(post(app_client, [text_sample(0), "what is 2+2?"]), 422, "ValidationError")
 
     assert error["detail"].startswith("samples[1]")
     assert error["errors"][0]["index"] == 1
-    assert buffer_stats(client)["size"] == 0
+    assert buffer_stats(app_client)["size"] == 0
 
 
-def test_ingest_reports_every_bad_sample_of_a_request(client: TestClient) -> None:
+def test_ingest_reports_every_bad_sample_of_a_request(app_client: TestClient) -> None:
     batch = [text_sample(0, source=""), text_sample(1), text_sample(2, target=""), text_sample(3, reward="x")]
 
-    errors = error_of(post(client, batch), 422, "ValidationError")["errors"]
+    errors = error_of(post(app_client, batch), 422, "ValidationError")["errors"]
 
     assert [(e["index"], e["field"]) for e in errors] == [(0, "source"), (2, "target"), (3, "reward")]
 
 
-def test_a_batch_whose_last_sample_is_bad_stores_none_of_it(client: TestClient) -> None:
-    post(client, [text_sample(i) for i in range(5)])
-    before = buffer_stats(client)
+def test_a_batch_whose_last_sample_is_bad_stores_none_of_it(app_client: TestClient) -> None:
+    post(app_client, [text_sample(i) for i in range(5)])
+    before = buffer_stats(app_client)
     batch = [text_sample(i) for i in range(5, 105)] + [text_sample(105, input="")]
 
-    assert_rejected_naming(post(client, batch), 100, "input")
-    assert buffer_stats(client) == before
-    assert client.get("/v1/samples/s5").status_code == 404
-    assert post(client, batch[:-1]).json()["accepted"] == 100  # none of them was half-stored
+    assert_rejected_naming(post(app_client, batch), 100, "input")
+    assert buffer_stats(app_client) == before
+    assert app_client.get("/v1/samples/s5").status_code == 404
+    assert post(app_client, batch[:-1]).json()["accepted"] == 100  # none of them was half-stored
 
 
 # --- request-level limits and errors ---------------------------------------------------------------------
 
 
-def test_ingest_accepts_10000_samples_and_rejects_10001(client: TestClient) -> None:
+def test_ingest_accepts_10000_samples_and_rejects_10001(app_client: TestClient) -> None:
     many = [{"source": "a", "input": f"q{i}", "target": "t"} for i in range(10_001)]
 
-    error = error_of(post(client, many), 422, "ValidationError")
+    error = error_of(post(app_client, many), 422, "ValidationError")
     assert error["field"] == "samples"
-    assert buffer_stats(client)["size"] == 0
+    assert buffer_stats(app_client)["size"] == 0
 
-    assert post(client, many[:10_000]).json()["accepted"] == 10_000
+    assert post(app_client, many[:10_000]).json()["accepted"] == 10_000
 
 
 @pytest.mark.parametrize(
@@ -223,8 +225,8 @@ def test_ingest_accepts_10000_samples_and_rejects_10001(client: TestClient) -> N
      ({"samples": [text_sample()], "extra": 1}, "extra")],
     ids=["empty_list", "not_a_list", "missing", "not_an_object", "unknown_top_level_field"],
 )  # fmt: skip
-def test_ingest_rejects_a_body_of_the_wrong_shape(client: TestClient, body: Any, field: str) -> None:
-    error = error_of(client.post("/v1/samples", json=body), 422, "ValidationError")
+def test_ingest_rejects_a_body_of_the_wrong_shape(app_client: TestClient, body: Any, field: str) -> None:
+    error = error_of(app_client.post("/v1/samples", json=body), 422, "ValidationError")
     assert error["field"] == field
 
 
@@ -236,46 +238,46 @@ def big_body() -> bytes:
     return body
 
 
-def test_ingest_refuses_a_body_over_16_mib_and_stores_nothing(client: TestClient) -> None:
-    error_of(post_raw(client, big_body()), 413, "PayloadTooLarge")
-    assert buffer_stats(client)["size"] == 0
-    assert buffer_stats(client)["ingested"] == 0
+def test_ingest_refuses_a_body_over_16_mib_and_stores_nothing(app_client: TestClient) -> None:
+    error_of(post_raw(app_client, big_body()), 413, "PayloadTooLarge")
+    assert buffer_stats(app_client)["size"] == 0
+    assert buffer_stats(app_client)["ingested"] == 0
 
 
-def test_ingest_refuses_a_streamed_body_over_16_mib_without_content_length(client: TestClient) -> None:
+def test_ingest_refuses_a_streamed_body_over_16_mib_without_content_length(app_client: TestClient) -> None:
     body = big_body()
 
     def chunks() -> Iterator[bytes]:
         for i in range(0, len(body), 1 << 20):
             yield body[i : i + (1 << 20)]
 
-    response = client.post("/v1/samples", content=chunks(), headers={"Content-Type": "application/json"})
+    response = app_client.post("/v1/samples", content=chunks(), headers={"Content-Type": "application/json"})
 
     error_of(response, 413, "PayloadTooLarge")
-    assert buffer_stats(client)["size"] == 0
+    assert buffer_stats(app_client)["size"] == 0
 
 
 @pytest.mark.parametrize(
     "body", ['{"samples": [', "samples=1", '{"samples": [{"id": "a",}]}', ""],
     ids=["truncated", "form_data", "trailing_comma", "empty"],
 )  # fmt: skip
-def test_ingest_answers_malformed_json_with_400(client: TestClient, body: str) -> None:
-    error_of(post_raw(client, body), 400, "MalformedJSON")
-    assert buffer_stats(client)["size"] == 0
+def test_ingest_answers_malformed_json_with_400(app_client: TestClient, body: str) -> None:
+    error_of(post_raw(app_client, body), 400, "MalformedJSON")
+    assert buffer_stats(app_client)["size"] == 0
 
 
 # --- storing, dedup, idempotency -------------------------------------------------------------------------
 
 
-def test_ingested_sample_is_returned_with_its_fields_and_uniform_weight(client: TestClient) -> None:
+def test_ingested_sample_is_returned_with_its_fields_and_uniform_weight(app_client: TestClient) -> None:
     sample = text_sample(0, reward=0.25, meta={"episode": 3, "tags": ["a"]})
 
-    response = post(client, [sample])
+    response = post(app_client, [sample])
 
     assert response.status_code == 202
     assert response.json() == {"accepted": 1, "duplicates": 0, "ids": ["s0"]}
-    assert client.get("/v1/samples/s0").json() == {**sample, "weight": 1.0}
-    assert client.get("/v1/samples/never-posted").status_code == 404
+    assert app_client.get("/v1/samples/s0").json() == {**sample, "weight": 1.0}
+    assert app_client.get("/v1/samples/never-posted").status_code == 404
 
 
 def canonical_id(source: str, input: Any, target: Any) -> str:
@@ -285,63 +287,63 @@ def canonical_id(source: str, input: Any, target: Any) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def test_sample_without_id_gets_the_sha256_of_its_canonical_json(client: TestClient) -> None:
+def test_sample_without_id_gets_the_sha256_of_its_canonical_json(app_client: TestClient) -> None:
     sample = {"source": "agent-b", "input": "Größe von 2+2?", "target": "4"}
 
-    ids = post(client, [sample]).json()["ids"]
+    ids = post(app_client, [sample]).json()["ids"]
 
     assert ids == [canonical_id("agent-b", "Größe von 2+2?", "4")]
-    assert client.get(f"/v1/samples/{ids[0]}").json()["input"] == "Größe von 2+2?"
+    assert app_client.get(f"/v1/samples/{ids[0]}").json()["input"] == "Größe von 2+2?"
 
 
-def test_same_content_without_id_is_a_duplicate_and_other_content_is_not(client: TestClient) -> None:
+def test_same_content_without_id_is_a_duplicate_and_other_content_is_not(app_client: TestClient) -> None:
     sample = {"source": "agent-b", "input": "2+2=", "target": "4"}
-    post(client, [sample])
+    post(app_client, [sample])
 
-    again = post(client, [dict(sample)]).json()
-    other_source = post(client, [{**sample, "source": "agent-c"}]).json()
+    again = post(app_client, [dict(sample)]).json()
+    other_source = post(app_client, [{**sample, "source": "agent-c"}]).json()
 
     assert (again["accepted"], again["duplicates"]) == (0, 1)
     assert (other_source["accepted"], other_source["duplicates"]) == (1, 0)
     assert other_source["ids"] != again["ids"]
 
 
-def test_a_known_id_is_a_duplicate_even_with_other_content(client: TestClient) -> None:
-    post(client, [text_sample(0)])
+def test_a_known_id_is_a_duplicate_even_with_other_content(app_client: TestClient) -> None:
+    post(app_client, [text_sample(0)])
 
-    result = post(client, [text_sample(0, input="something else")]).json()
+    result = post(app_client, [text_sample(0, input="something else")]).json()
 
     assert (result["accepted"], result["duplicates"], result["ids"]) == (0, 1, ["s0"])
-    assert client.get("/v1/samples/s0").json()["input"] == text_sample(0)["input"]  # the first one stays
+    assert app_client.get("/v1/samples/s0").json()["input"] == text_sample(0)["input"]  # the first one stays
 
 
-def test_reposting_a_batch_is_idempotent(client: TestClient) -> None:
+def test_reposting_a_batch_is_idempotent(app_client: TestClient) -> None:
     batch = [text_sample(i) for i in range(50)] + [
         {"source": "x", "input": f"q{i}", "target": "t"} for i in range(50)
     ]
-    first = post(client, batch).json()
-    stats_after_first = buffer_stats(client)
+    first = post(app_client, batch).json()
+    stats_after_first = buffer_stats(app_client)
 
-    second = post(client, batch).json()
+    second = post(app_client, batch).json()
 
     assert (first["accepted"], first["duplicates"]) == (100, 0)
     assert (second["accepted"], second["duplicates"]) == (0, 100)
     assert second["ids"] == first["ids"]
-    stats = buffer_stats(client)
+    stats = buffer_stats(app_client)
     assert (stats["size"], stats["ingested"]) == (stats_after_first["size"], stats_after_first["ingested"])
     assert stats["duplicates"] == 100
 
 
-def test_duplicates_inside_one_request_are_counted(client: TestClient) -> None:
+def test_duplicates_inside_one_request_are_counted(app_client: TestClient) -> None:
     no_id = {"source": "x", "input": "same", "target": "t"}
     batch = [text_sample(0), text_sample(1), text_sample(0), no_id, dict(no_id)]
 
-    result = post(client, batch).json()
+    result = post(app_client, batch).json()
 
     assert (result["accepted"], result["duplicates"]) == (3, 2)
     assert result["ids"][:3] == ["s0", "s1", "s0"]
     assert result["ids"][3] == result["ids"][4]
-    assert buffer_stats(client)["size"] == 3
+    assert buffer_stats(app_client)["size"] == 3
 
 
 def test_a_full_buffer_evicts_the_oldest_and_their_ids_can_be_posted_again(
@@ -366,7 +368,7 @@ def test_a_full_buffer_evicts_the_oldest_and_their_ids_can_be_posted_again(
 
 def test_concurrent_clients_lose_nothing_and_count_exactly(live_api: str, redis_url: str) -> None:
     n_clients, per_client, batch_size = 8, 1000, 100
-    shared = [f"shared-{k}" for k in range(per_client // 2)]  # every client posts these 500 ids
+    shared = [f"shared-{k}" for k in range(per_client // 2)]  # every app_client posts these 500 ids
 
     def client_ids(c: int) -> list[str]:
         ids = shared + [f"own-{c}-{k}" for k in range(per_client // 2)]

@@ -22,38 +22,38 @@ def val_samples(*names: str) -> dict[str, Any]:
     return {"samples": [{"input": f"{n}?", "target": n} for n in names]}
 
 
-def put(client: TestClient, *names: str) -> httpx.Response:
-    return client.put("/v1/validation", json=val_samples(*names))
+def put(app_client: TestClient, *names: str) -> httpx.Response:
+    return app_client.put("/v1/validation", json=val_samples(*names))
 
 
-def append(client: TestClient, *names: str) -> httpx.Response:
-    return client.post("/v1/validation", json=val_samples(*names))
+def append(app_client: TestClient, *names: str) -> httpx.Response:
+    return app_client.post("/v1/validation", json=val_samples(*names))
 
 
-def test_validation_set_starts_empty_at_version_0(client: TestClient) -> None:
-    assert client.get("/v1/validation").json() == {"count": 0, "version": 0}
+def test_validation_set_starts_empty_at_version_0(app_client: TestClient) -> None:
+    assert app_client.get("/v1/validation").json() == {"count": 0, "version": 0}
 
 
 def test_put_replaces_post_appends_and_each_bumps_the_version(
-    client: TestClient, redis_client: redis.Redis
+    app_client: TestClient, redis_client: redis.Redis
 ) -> None:
-    assert put(client, "a", "b", "c").json() == {"count": 3, "version": 1}
-    assert append(client, "d", "e").json() == {"count": 5, "version": 2}
-    assert client.get("/v1/validation").json() == {"count": 5, "version": 2}
+    assert put(app_client, "a", "b", "c").json() == {"count": 3, "version": 1}
+    assert append(app_client, "d", "e").json() == {"count": 5, "version": 2}
+    assert app_client.get("/v1/validation").json() == {"count": 5, "version": 2}
 
-    assert put(client, "f").json() == {"count": 1, "version": 3}
+    assert put(app_client, "f").json() == {"count": 1, "version": 3}
 
-    assert client.get("/v1/validation").json() == {"count": 1, "version": 3}
+    assert app_client.get("/v1/validation").json() == {"count": 1, "version": 3}
     version, samples = TrainerFeed(redis_client, Keys()).validation()
     assert version == 3
     assert [s["target"] for s in samples] == ["f"]
 
 
 def test_appended_samples_follow_the_existing_ones_in_order(
-    client: TestClient, redis_client: redis.Redis
+    app_client: TestClient, redis_client: redis.Redis
 ) -> None:
-    put(client, "a", "b")
-    append(client, "c")
+    put(app_client, "a", "b")
+    append(app_client, "c")
 
     _, samples = TrainerFeed(redis_client, Keys()).validation()
 
@@ -78,15 +78,15 @@ def test_every_validation_version_is_recorded_in_sql(
     assert recorded == [(1, 3, "replace"), (2, 4, "append"), (3, 2, "replace")]
 
 
-def test_a_bad_validation_sample_is_422_naming_it_and_changes_nothing(client: TestClient) -> None:
-    put(client, "a")
+def test_a_bad_validation_sample_is_422_naming_it_and_changes_nothing(app_client: TestClient) -> None:
+    put(app_client, "a")
     body = {"samples": [{"input": "x?", "target": "x"}, {"input": "y?", "target": ""}]}
 
-    response = client.post("/v1/validation", json=body)
+    response = app_client.post("/v1/validation", json=body)
 
     assert response.status_code == 422
     assert response.json()["error"]["detail"].startswith("samples[1].target:")
-    assert client.get("/v1/validation").json() == {"count": 1, "version": 1}
+    assert app_client.get("/v1/validation").json() == {"count": 1, "version": 1}
 
 
 def test_a_validation_set_over_its_limit_is_422_and_changes_nothing(
@@ -105,4 +105,7 @@ def test_a_validation_set_over_its_limit_is_422_and_changes_nothing(
     assert overflow.json()["error"]["type"] == "ValidationError"
     assert client.get("/v1/validation").json() == {"count": 3, "version": 1}
 
-    assert put(client, *"vwxyz").json() == {"count": 5, "version": 2}  # a replacement may use the full limit
+    assert put(client, *"vwxyz").json() == {
+        "count": 5,
+        "version": 2,
+    }  # a replacement may use the full limit

@@ -50,8 +50,8 @@ def current_revision(engine: Engine) -> list[str]:
         return list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
 
 
-def migrate_in_process(url: str) -> list[str]:
-    """Migrate in a process of its own (a worker starting up); returns the revision it then sees."""
+def migrate_in_new_process(url: str) -> list[str]:
+    """Migrate as a starting worker does; returns the revision it then sees."""
     engine = make_engine(url)
     try:
         migrate(engine)
@@ -151,7 +151,7 @@ def test_recording_a_validation_version_twice_keeps_one_row(engine: Engine) -> N
 
 def test_processes_starting_together_on_a_fresh_database_all_migrate(database_url: str) -> None:
     """API workers and the trainer start at once on first boot: one migrates, the others wait and agree."""
-    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
-        revisions = list(pool.map(migrate_in_process, [database_url] * 4))
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        revisions = list(pool.map(migrate_in_new_process, [database_url] * 4))
 
     assert revisions == [[head_revision()]] * 4

@@ -9,7 +9,8 @@ import torch
 from store.checkpoints import checkpoint_path, sha256_file
 from trainer import load_checkpoint
 from trainer.checkpoint import CheckpointError, save_checkpoint
-from trainer.models import TrainModel, build_model
+from trainer.models import TrainModel, build_model, register
+from trainer.models.mlp import MLP
 
 TEXT = [
     {"input": "2+3=", "target": "5"},
@@ -17,6 +18,11 @@ TEXT = [
     {"input": "x" * 100, "target": "long input"},
 ]
 VECTORS = [{"input": [0.5, -1.0, 2.0], "target": 1}, {"input": [0.0, 0.0, 0.0], "target": 0}]
+
+
+@register("test-checkpoint-kind")
+def build_user_kind(config: dict) -> TrainModel:
+    return MLP({"n_features": 3, "n_classes": 2, "hidden": [4], **config})
 
 
 def _save(tmp_path: Path, kind: str = "tiny-gpt", version: int = 3) -> tuple[Path, str, TrainModel]:
@@ -56,6 +62,16 @@ def test_round_trip_gives_identical_predictions_and_losses(tmp_path: Path, kind:
     with torch.no_grad():
         expected = model.per_sample_loss(model.collate(samples)).tolist()
     assert loaded.loss(samples) == expected
+
+
+def test_user_kind_round_trips_by_its_import_path(tmp_path: Path) -> None:
+    kind = f"{__name__}:build_user_kind"
+    model = build_model(kind, {"hidden": [5]})
+    path = tmp_path / "user.safetensors"
+    save_checkpoint(path, model, {"step": 1, "version": 1})
+    loaded = load_checkpoint(path)
+    assert loaded.kind == kind and loaded.config["hidden"] == [5]
+    assert loaded.predict([s["input"] for s in VECTORS]) == model.predict([s["input"] for s in VECTORS])
 
 
 def test_checkpoint_path_layout(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ import string
 import pytest
 import torch
 
-from trainer.hypergrad import GhostScorer, reference_scores, scored_parameters, val_grad
+from trainer.hypergrad import GhostScorer, layer_scores, reference_scores, scored_parameters, val_grad
 from trainer.models import TrainModel, build_model
 
 TINY_GPT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -44,6 +44,24 @@ def _ghost(
         losses = model.per_sample_loss(batch)
         (coef * losses).sum().backward()
     return scorer.scores(coef, g_val)
+
+
+@pytest.mark.parametrize("dead", [0.0, 0.3, 0.95])
+@pytest.mark.parametrize("T", [1, 7])
+def test_layer_scores_match_explicit_per_sample_gradients(dead: float, T: int) -> None:
+    """All positions live, or dead ones dropped and packed, vs grad W_i = sum_t g_it a_it^T."""
+    g = torch.Generator().manual_seed(4)
+    B, d_in, d_out = 5, 6, 4
+    a = torch.randn(B, T, d_in, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, T, d_out, generator=g, dtype=torch.float64)
+    grad_out[torch.rand(B, T, generator=g) < dead] = 0.0
+    G_W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    G_b = torch.randn(d_out, generator=g, dtype=torch.float64)
+    per_W = torch.einsum("bto,bti->boi", grad_out, a)  # (B, d_out, d_in)
+    per_b = grad_out.sum(dim=1)  # (B, d_out)
+    dot, sq = layer_scores(a, grad_out, G_W, G_b)
+    torch.testing.assert_close(dot, (per_W * G_W).sum(dim=(1, 2)) + per_b @ G_b)
+    torch.testing.assert_close(sq, per_W.square().sum(dim=(1, 2)) + per_b.square().sum(dim=1))
 
 
 @pytest.mark.parametrize("kind", ["tiny-gpt", "mlp"])

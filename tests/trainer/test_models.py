@@ -56,7 +56,7 @@ def test_kind_can_be_a_registered_factory_in_a_user_module() -> None:
     assert model.kind == kind  # the import path is what rebuilds it in another process
     assert model.config["n_classes"] == 4
     assert input_kind_of(kind) == "vector"
-    assert build_model("test-linear", {}).kind == "mlp"
+    assert build_model("test-linear", {}).kind == "test-linear"
 
 
 def test_module_path_to_an_unregistered_callable_is_rejected() -> None:

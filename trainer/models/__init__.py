@@ -6,8 +6,9 @@ A kind is a factory ``factory(config: dict) -> TrainModel`` registered under a n
     class MyModel(TrainModel): ...          # a TrainModel class is a factory too
 
 ``build_model(kind, config)`` takes a registered name, or ``"package.module:factory"``: the module is
-imported (so its ``@register`` runs) and the factory it names is used; the model then remembers the
-import path as its ``kind``, so a checkpoint of it loads in a fresh process. The named object must be a
+imported (so its ``@register`` runs) and the factory it names is used. The model's ``kind`` is the
+string it was built from, and checkpoints store it: a kind registered in your own module loads in a
+fresh process only by its import path (or after you import that module). The named object must be a
 registered factory: a checkpoint header is data, and must not be able to call arbitrary functions.
 """
 
@@ -88,8 +89,7 @@ def build_model(kind: str, config: Mapping[str, Any]) -> TrainModel:
         raise TypeError(f"model kind {kind!r}: factory returned {type(model).__name__}, not a TrainModel")
     if model.input_kind not in _INPUT_KINDS:
         raise TypeError(f"model kind {kind!r}: input_kind must be one of {_INPUT_KINDS}")
-    if ":" in kind:
-        model.kind = kind  # the import path is what rebuilds it elsewhere
+    model.kind = kind  # what rebuilds it: a checkpoint stores this string
     return model
 
 

@@ -1,0 +1,226 @@
+"""The ``datadiet`` command: run the service, and talk to a running one.
+
+    datadiet demo                 # the service plus simulated agents; a summary at the end
+    datadiet up                   # API + trainer on the embedded defaults (Redis, SQLite) until Ctrl-C
+    datadiet serve | train        # one part alone
+    datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
+    datadiet weights              # source weights and the weight summary, as a table
+    datadiet pull ./models/       # the latest checkpoint, downloaded only when it changed
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = os.environ.get("DATADIET_URL", "http://127.0.0.1:8000")
+
+
+def _check_bind(host: str) -> None:
+    """Without API keys the API is open: it must not listen beyond this machine."""
+    from store.config import Settings
+
+    if Settings().api_keys:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        sys.exit(f"datadiet: refusing to listen on {host} without DATADIET_API_KEYS (the API would be open to "
+                 "the network); bind to 127.0.0.1, or configure keys")  # fmt: skip
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.supervise import Supervisor, run_forever
+    from store.config import Settings
+
+    _check_bind(args.host)
+    _logging()
+    return run_forever(Supervisor(Settings(), args.host, args.port))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo.run import run_demo
+
+    _check_bind(args.host)
+    return run_demo(host=args.host, port=args.port, steps=args.steps, seed=args.seed, rate=args.rate)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from store.config import Settings
+    from store.embedded import resolve_redis_url
+
+    _check_bind(args.host)
+    _logging()
+    settings = Settings()
+    settings.ensure_data_dir()
+    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    os.environ["DATADIET_REDIS_URL"] = url  # every worker joins the same Redis
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def cmd_train(_args: argparse.Namespace) -> int:
+    from trainer.__main__ import main
+
+    return main()
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"datadiet: {path}:{lineno}: not valid JSON: {e}")
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done, self.t0 = total, what, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        frac = self.done / self.total if self.total else 1.0
+        rate = self.done / max(time.monotonic() - self.t0, 1e-9)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        print(f"\r[{bar}] {self.done:,}/{self.total:,} {self.what}  {rate:,.0f}/s", end="", file=sys.stderr)
+        if self.done >= self.total:
+            print(file=sys.stderr)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    samples = list(_read_jsonl(Path(args.file)))
+    with Client(args.url, api_key=args.api_key) as client:
+        if args.validation:
+            out = client.set_validation(samples, append=args.append)
+            print(f"validation set v{out['version']}: {out['count']} samples")
+            return 0
+        res = client.post_samples(samples, batch_size=args.batch_size, progress=ProgressBar(len(samples), "samples"))
+    print(f"accepted {res.accepted:,}, duplicates {res.duplicates:,}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        if args.lowest or args.highest:
+            doc = client.ranked("asc" if args.lowest else "desc", args.lowest or args.highest)
+            rows = [(i, doc.get("sources", {}).get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
+            _table(["sample", "source", "weight"], rows)
+            return 0
+        doc = client.weights()
+    stats = doc.get("source_stats", {})
+    rows = [(name, f"{share:.3f}", stats.get(name, {}).get("count", ""),
+             f"{stats[name]['mean_weight']:.3f}" if name in stats else "")
+            for name, share in sorted(doc["sources"].items(), key=lambda kv: -kv[1])]  # fmt: skip
+    print(f"step {doc['step']}  updated {doc.get('updated_at') or 'never'}")
+    _table(["source", "share", "samples", "mean weight"], rows)
+    s = doc["summary"]
+    print(f"\n{s['count']:,} live samples, effective fraction {s['effective_fraction']:.2f}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from app.client import Client
+
+    with Client(args.url, api_key=args.api_key) as client:
+        path = client.pull_checkpoint(args.dest, version=args.version)
+    print(path)
+    return 0
+
+
+def _table(header: list[str], rows: list[tuple[Any, ...]]) -> None:
+    cells = [header, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="datadiet",
+        description="Online data selection for models that keep learning from their agents.",
+        epilog="Configuration is by DATADIET_* environment variables (or .env); see the README.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+        return sp
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--url", default=DEFAULT_URL, help=f"the API (default {DEFAULT_URL}, or $DATADIET_URL)")
+        sp.add_argument("--api-key", default=os.environ.get("DATADIET_API_KEY"), help="or $DATADIET_API_KEY")
+        return sp
+
+    server("up", "run the API and the trainer (embedded Redis and SQLite unless configured)").set_defaults(fn=cmd_up)
+    d = server("demo", "run the service with simulated agents of known quality and summarise what it learned")
+    d.add_argument("--steps", type=int, default=1500, help="training steps before the summary (default 1500)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rate", type=float, default=400.0, help="samples per second all agents post (default 400)")
+    d.set_defaults(fn=cmd_demo)
+    s = server("serve", "run the API alone")
+    s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("train", help="run the trainer alone", description="run the trainer alone").set_defaults(fn=cmd_train)
+
+    pu = client("push", "post samples from a JSON-lines file (one sample a line)")
+    pu.add_argument("file", help="a .jsonl file of samples")
+    pu.add_argument("--batch-size", type=int, default=1000)
+    pu.add_argument("--validation", action="store_true", help="replace the validation set with these samples")
+    pu.add_argument("--append", action="store_true", help="with --validation: append instead of replacing")
+    pu.set_defaults(fn=cmd_push)
+    w = client("weights", "show source weights and the weight summary")
+    w.add_argument("--lowest", type=int, metavar="K", help="show the K lowest-weighted samples instead")
+    w.add_argument("--highest", type=int, metavar="K", help="show the K highest-weighted samples instead")
+    w.set_defaults(fn=cmd_weights)
+    pl = client("pull", "download the latest checkpoint (skipped when unchanged)")
+    pl.add_argument("dest", help="a directory (file model.safetensors inside) or a file path")
+    pl.add_argument("--version", default="latest", help="a version number, or latest (default)")
+    pl.set_defaults(fn=cmd_pull)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
