@@ -1,11 +1,11 @@
 """The ``datadiet`` command: run the service, and talk to a running one.
 
-    datadiet demo                 # the service plus simulated agents; a summary at the end
-    datadiet up                   # API + trainer on the embedded defaults (Redis, SQLite) until Ctrl-C
-    datadiet serve | train        # one part alone
-    datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
-    datadiet weights              # source weights and the weight summary, as a table
-    datadiet pull ./models/       # the latest checkpoint, downloaded only when it changed
+datadiet demo                 # the service plus simulated agents; a summary at the end
+datadiet up                   # API + trainer on the embedded defaults (Redis, SQLite) until Ctrl-C
+datadiet serve | train        # one part alone
+datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
+datadiet weights              # source weights and the weight summary, as a table
+datadiet pull ./models/       # the latest checkpoint, downloaded only when it changed
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def _check_bind(host: str) -> None:
     except ValueError:
         loopback = host == "localhost"
     if not loopback:
-        sys.exit(f"datadiet: refusing to listen on {host} without DATADIET_API_KEYS (the API would be open to "
-                 "the network); bind to 127.0.0.1, or configure keys")  # fmt: skip
+        sys.exit(
+            f"datadiet: refusing to listen on {host} without DATADIET_API_KEYS (the API would be open to "
+            "the network); bind to 127.0.0.1, or configure keys"
+        )
 
 
 def _logging() -> None:
@@ -122,7 +124,9 @@ def cmd_push(args: argparse.Namespace) -> int:
             out = client.set_validation(samples, append=args.append)
             print(f"validation set v{out['version']}: {out['count']} samples")
             return 0
-        res = client.post_samples(samples, batch_size=args.batch_size, progress=ProgressBar(len(samples), "samples"))
+        res = client.post_samples(
+            samples, batch_size=args.batch_size, progress=ProgressBar(len(samples), "samples")
+        )
     print(f"accepted {res.accepted:,}, duplicates {res.duplicates:,}")
     return 0
 
@@ -133,14 +137,20 @@ def cmd_weights(args: argparse.Namespace) -> int:
     with Client(args.url, api_key=args.api_key) as client:
         if args.lowest or args.highest:
             doc = client.ranked("asc" if args.lowest else "desc", args.lowest or args.highest)
-            rows = [(i, doc.get("sources", {}).get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
+            rows: list[tuple[Any, ...]] = [(i, doc.get("sources", {}).get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
             _table(["sample", "source", "weight"], rows)
             return 0
         doc = client.weights()
     stats = doc.get("source_stats", {})
-    rows = [(name, f"{share:.3f}", stats.get(name, {}).get("count", ""),
-             f"{stats[name]['mean_weight']:.3f}" if name in stats else "")
-            for name, share in sorted(doc["sources"].items(), key=lambda kv: -kv[1])]  # fmt: skip
+    rows = [
+        (
+            name,
+            f"{share:.3f}",
+            stats.get(name, {}).get("count", ""),
+            f"{stats[name]['mean_weight']:.3f}" if name in stats else "",
+        )
+        for name, share in sorted(doc["sources"].items(), key=lambda kv: -kv[1])
+    ]
     print(f"step {doc['step']}  updated {doc.get('updated_at') or 'never'}")
     _table(["source", "share", "samples", "mean weight"], rows)
     s = doc["summary"]
@@ -182,20 +192,28 @@ def parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--url", default=DEFAULT_URL, help=f"the API (default {DEFAULT_URL}, or $DATADIET_URL)")
+        sp.add_argument(
+            "--url", default=DEFAULT_URL, help=f"the API (default {DEFAULT_URL}, or $DATADIET_URL)"
+        )
         sp.add_argument("--api-key", default=os.environ.get("DATADIET_API_KEY"), help="or $DATADIET_API_KEY")
         return sp
 
-    server("up", "run the API and the trainer (embedded Redis and SQLite unless configured)").set_defaults(fn=cmd_up)
+    server("up", "run the API and the trainer (embedded Redis and SQLite unless configured)").set_defaults(
+        fn=cmd_up
+    )
     d = server("demo", "run the service with simulated agents of known quality and summarise what it learned")
     d.add_argument("--steps", type=int, default=1500, help="training steps before the summary (default 1500)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--rate", type=float, default=400.0, help="samples per second all agents post (default 400)")
+    d.add_argument(
+        "--rate", type=float, default=400.0, help="samples per second all agents post (default 400)"
+    )
     d.set_defaults(fn=cmd_demo)
     s = server("serve", "run the API alone")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     s.set_defaults(fn=cmd_serve)
-    sub.add_parser("train", help="run the trainer alone", description="run the trainer alone").set_defaults(fn=cmd_train)
+    sub.add_parser("train", help="run the trainer alone", description="run the trainer alone").set_defaults(
+        fn=cmd_train
+    )
 
     pu = client("push", "post samples from a JSON-lines file (one sample a line)")
     pu.add_argument("file", help="a .jsonl file of samples")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 class DatadietError(Exception):
     status = 400
     type = "BadRequest"
-    headers: ClassVar[dict[str, str] | None] = None
+    headers: ClassVar[Mapping[str, str] | None] = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -52,7 +53,7 @@ class Unavailable(DatadietError):
     headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
 
 
-def _render(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def _render(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -9,6 +9,7 @@ killed outright (Linux parent-death signal), so no orphan survives.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -29,10 +30,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
+    with contextlib.suppress(OSError):  # not Linux: the supervisor's shutdown path still stops its children
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the supervisor's own shutdown path still stops its children
 
 
 @dataclass
@@ -48,8 +47,15 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, host: str, port: int, *, log_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        host: str,
+        port: int,
+        *,
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.host, self.port = host, port
         self.log_dir = log_dir
@@ -58,8 +64,21 @@ class Supervisor:
         self.env: dict[str, str] = {}
         self.stopping = False
         py = sys.executable
-        api = [py, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", host, "--port", str(port),
-               "--log-level", "warning", "--timeout-graceful-shutdown", "10"]  # fmt: skip
+        api = [
+            py,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "app.main:create_app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "10",
+        ]
         self.children = [Child("api", api), Child("trainer", [py, "-m", "trainer"])]
 
     @property
@@ -78,8 +97,12 @@ class Supervisor:
         engine = make_engine(s.resolved_database_url)
         migrate(engine)
         engine.dispose()
-        self.env = {**os.environ, **self.extra_env, "DATADIET_REDIS_URL": redis_url,
-                    "DATADIET_DATA_DIR": str(s.data_dir.resolve())}  # fmt: skip
+        self.env = {
+            **os.environ,
+            **self.extra_env,
+            "DATADIET_REDIS_URL": redis_url,
+            "DATADIET_DATA_DIR": str(s.data_dir.resolve()),
+        }
         for child in self.children:
             self._spawn(child)
 

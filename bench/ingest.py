@@ -7,10 +7,12 @@
 It starts its own redis-server (free port, no persistence) and the API under uvicorn with ONE worker,
 then, every round, on an emptied Redis:
 
-    http            one httpx client (keep-alive) posting batches of 500 samples
-    http xN         N clients (threads) posting the same way at once
-    raw XADD        redis-py pipelines of 500 XADDs of the same payloads into a scratch stream: the floor
-                    cost of getting the bytes into Redis, no validation, dedup, ranking or HTTP
+    HTTP, 1 client      one httpx client (keep-alive) posting batches of 500 samples
+    HTTP, N clients     N clients (threads) posting the same way at once
+    HTTP, buffer full   one client, into a second API whose buffer is already at --capacity: every
+                        accepted sample evicts one (the steady state of a long-running service)
+    raw XADD            redis-py pipelines of 500 XADDs of the same payloads into a scratch stream: the
+                        floor cost of getting the bytes into Redis; no validation, dedup, ranking or HTTP
 
 Prints a markdown table and writes it to ``bench/results/ingest.md``. The client, the API and Redis
 share this machine's cores, so absolute numbers depend on it; the ratio is the point.
@@ -197,6 +199,7 @@ def main() -> None:
     full = Row(f"HTTP, 1 client, buffer full at {args.capacity:,} (each sample evicts one)", [], args.samples)
     raw = Row("raw redis-py pipelined XADD", [], args.samples)
     rows = [http] + ([many] if args.clients else []) + [full, raw]
+    load = os.getloadavg()[0]  # others' work on this machine skews the numbers: say how busy it was
     with tempfile.TemporaryDirectory(prefix="datadiet-bench-") as tmp, ExitStack() as stack:
         redis_port = free_port()
         redis_proc = subprocess.Popen(
@@ -233,10 +236,12 @@ def main() -> None:
         "",
         table(rows, raw),
         "",
-        f"{args.rounds} rounds of {args.samples:,} samples of {size} bytes as JSON in batches of {BATCH},",
-        "on an emptied Redis each time (the full-buffer row: filled to capacity first, untimed); one uvicorn",
-        f"worker; client, API and redis-server share one machine ({os.cpu_count()} CPUs, Python",
-        f"{platform.python_version()}, {platform.machine()}). `{command}`, {when}.",
+        f"{args.rounds} rounds of {args.samples:,} samples of {size} bytes as JSON in batches of {BATCH}, "
+        "on an emptied Redis each time (the full-buffer row: filled to capacity first, untimed).",
+        f"One uvicorn worker; client, API and redis-server share one machine: {os.cpu_count()} CPUs, "
+        f"load average {load:.1f} at the start, Python {platform.python_version()}, "
+        f"{platform.machine()}.",
+        f"`{command}`, {when}.",
         "",
     ])  # fmt: skip
     print(report)

@@ -57,7 +57,7 @@ def weight_from_rank(score: float | None) -> float | None:
 
 class SampleBuffer:
     def __init__(self, client: aioredis.Redis, keys: Keys, capacity: int, validation_max: int) -> None:
-        self.r = client
+        self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys
         self.capacity = capacity
         self.validation_max = validation_max

@@ -54,16 +54,25 @@ class EmbeddedRedis:
             self.socket.unlink()
         args = [
             _server_binary(),
-            "--port", "0",
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
+        ]
         # The server outlives a crash of its parent only until the parent's supervisor restarts it;
         # a new session lets it survive Ctrl-C in the terminal so shutdown stays ordered (clients first).
         self.proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)

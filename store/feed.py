@@ -45,7 +45,7 @@ def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
 
 class TrainerFeed:
     def __init__(self, client: redis.Redis, keys: Keys, consumer: str = "trainer-0") -> None:
-        self.r = client
+        self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys
         self.consumer = consumer
 
@@ -121,12 +121,13 @@ class TrainerFeed:
     def counters(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self.k.counters).items()}
 
-    def live_ordinals(self, ordinals: Sequence[int]) -> list[bool]:
-        """Whether each ordinal is still in the buffer (not evicted)."""
-        pipe = self.r.pipeline(transaction=False)
-        for o in ordinals:
-            pipe.hexists(self.k.samples, int(o))
-        return [bool(x) for x in pipe.execute()]
+    def live_ordinals(self, ordinals: Sequence[int], chunk: int = 10_000) -> list[bool]:
+        """Whether each ordinal is still in the buffer (its rank exists iff it was not evicted)."""
+        out: list[bool] = []
+        for i in range(0, len(ordinals), chunk):
+            scores = self.r.zmscore(self.k.rank, [int(o) for o in ordinals[i : i + chunk]])
+            out.extend(sc is not None for sc in scores)
+        return out
 
     def publish_weights(
         self, doc: dict[str, Any], ordinals: Sequence[int], weights: Sequence[float], chunk: int = 20_000

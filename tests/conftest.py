@@ -200,13 +200,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 # --- the app ----------------------------------------------------------------------------------------------
 
-MLP_SETTINGS: dict[str, Any] = {"model": "mlp", "model_params": {"n_features": 4, "n_classes": 3}}
-"""Overrides for a numeric-input deployment (``make_settings(**MLP_SETTINGS)``)."""
-
 
 @pytest.fixture
-def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
-    """``make_settings(**overrides)``: Settings on the test's Redis and tmp dir, ignoring any ``.env``."""
+def make_settings(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """``make_settings(**overrides)``: Settings on the test's Redis and tmp dir.
+
+    Neither a ``.env`` file nor the developer's ``DATADIET_*`` variables apply (they are unset for the test).
+    """
+    for name in os.environ:
+        if name.startswith("DATADIET_") and name != POSTGRES_ENV:
+            monkeypatch.delenv(name)
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"redis_url": redis_url, "data_dir": tmp_path / "data", **overrides}

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -69,10 +70,13 @@ class PayloadCache:
 class Trainer:
     def __init__(self, settings: TrainerSettings, feed: TrainerFeed, engine: Engine) -> None:
         s = self.settings = settings
-        self.device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if s.device == "auto" else s.device))  # fmt: skip
+        self.device = torch.device(
+            "cuda"
+            if s.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if s.device == "auto" else s.device)
+        )
         if self.device.type == "cpu":
-            # the API shares the machine; torch's spinning worker threads slow everything down when oversubscribed
+            # the API shares the machine: oversubscribed torch threads spin and slow everything down
             torch.set_num_threads(s.torch_threads or max(1, min(8, (os.cpu_count() or 2) - 1)))
         torch.manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)
@@ -106,8 +110,14 @@ class Trainer:
             log.info("no checkpoint yet: starting a new %s model", self.model.kind)
             return
         if row.model_kind != self.model.kind or row.config != self.model.config:
-            log.warning("newest checkpoint v%d is a %s %s, not this %s %s: starting fresh", row.version,
-                        row.model_kind, row.config, self.model.kind, self.model.config)  # fmt: skip
+            log.warning(
+                "newest checkpoint v%d is a %s %s, not this %s %s: starting fresh",
+                row.version,
+                row.model_kind,
+                row.config,
+                self.model.kind,
+                self.model.config,
+            )
             return
         loaded = load_checkpoint(row.path, sha256=row.sha256, device=self.device)
         self.model.load_state_dict(loaded.module.state_dict())
@@ -151,6 +161,14 @@ class Trainer:
         )
         # acknowledged once the table holding them is saved (at the next checkpoint): at-least-once
         self.unacked.extend(e.entry_id for e in entries)
+
+    def sync_evictions(self) -> None:
+        """Mark rows whose samples the buffer evicted (by the API's capacity bound) since we last looked."""
+        t = self.table
+        rows = np.flatnonzero(t.alive)
+        if len(rows):
+            live = np.asarray(self.feed.live_ordinals(t.ordinal[rows].tolist()), dtype=np.bool_)
+            t.kill(rows[np.logical_not(live)])
 
     def poll(self) -> None:
         block = None if self.table.live else 1000
@@ -235,9 +253,10 @@ class Trainer:
         if scoring:
             assert self.g_val is not None
             dots, norms = self.scorer.scores(c, self.g_val)
-            g_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in self.g_val)))
-            self.weighting.observe(self.table, rows, dots.double().cpu().numpy(), norms.double().cpu().numpy(),
-                                   g_norm, self.step)  # fmt: skip
+            g_norm = float(torch.stack([g.float().square().sum() for g in self.g_val]).sum().sqrt())
+            self.weighting.observe(
+                self.table, rows, dots.double().cpu().numpy(), norms.double().cpu().numpy(), g_norm, self.step
+            )
             self.scorings += 1
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
             again = rows[self.table.visits[rows] < s.min_visits]
@@ -279,12 +298,20 @@ class Trainer:
         )
 
     def checkpoint(self) -> None:
+        self.sync_evictions()
+        self.table.compact()  # rows of evicted samples go; the cache is keyed by ordinal, not row
         self._reweight()
         self.publish()
         val = self.full_val_loss()
-        metrics = {"val_loss": None if math.isnan(val) else val, "train_loss": _finite(self.train_loss),
-                   "effective_fraction": (self.publisher.last_doc or {}).get("summary", {}).get("effective_fraction"),
-                   "live_samples": self.table.live, "validation_version": self.val_version}  # fmt: skip
+        metrics = {
+            "val_loss": None if math.isnan(val) else val,
+            "train_loss": _finite(self.train_loss),
+            "effective_fraction": (self.publisher.last_doc or {})
+            .get("summary", {})
+            .get("effective_fraction"),
+            "live_samples": self.table.live,
+            "validation_version": self.val_version,
+        }
         settings = self.settings.model_dump(mode="json", exclude={"api_keys", "redis_url", "database_url"})
         row = self.publisher.checkpoint(self.model, self.state(), metrics, settings)
         self.checkpointed_step = self.step
@@ -299,24 +326,43 @@ class Trainer:
         self.publisher.publish_weights(self.table, self.step, self.weighting.name, self.status())
 
     def status(self) -> dict[str, Any]:
-        return {"steps_per_s": round(self.rate, 3), "val_loss": _finite(self.val_loss) or "",
-                "train_loss": _finite(self.train_loss) or "", "method": self.weighting.name,
-                "device": self.device.type, "validation_version": self.val_version}  # fmt: skip
+        return {
+            "steps_per_s": round(self.rate, 3),
+            "val_loss": _finite(self.val_loss) or "",
+            "train_loss": _finite(self.train_loss) or "",
+            "method": self.weighting.name,
+            "device": self.device.type,
+            "validation_version": self.val_version,
+        }
 
     # ------------------------------------------------------------------ the process
     rate = 0.0
 
     def run(self) -> int:
-        s = self.settings
+        """Train until DATADIET_MAX_STEPS (or SIGTERM/SIGINT), then write a final checkpoint; exit status."""
         self.feed.ensure_group()
         self.restore()
         self.take_pending()
-        _install_signal_handlers(self)
+        self.sync_evictions()
+        previous = _install_signal_handlers(self)
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
+        s = self.settings
         last_progress = t_rate = time.monotonic()
         steps_at_rate = self.step
         if not s.max_steps or self.step < s.max_steps:
-            log.info("training %s (%s) on %s, %d samples in the table", self.model.kind, self.weighting.name,
-                     self.device, self.table.live)  # fmt: skip
+            log.info(
+                "training %s (%s) on %s, %d samples in the table",
+                self.model.kind,
+                self.weighting.name,
+                self.device,
+                self.table.live,
+            )
         while not self.stop_requested and (not s.max_steps or self.step < s.max_steps):
             self.poll()
             if self.step % s.validation_check_every == 0 or not self.val_samples:
@@ -341,9 +387,16 @@ class Trainer:
     def _progress(self) -> None:
         doc = self.publisher.last_doc or {}
         eff = doc.get("summary", {}).get("effective_fraction", 1.0)
-        log.info("step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d | fresh %d",
-                 self.step, self.rate, self.val_loss, self.train_loss, eff, self.table.live,
-                 len(self.table.fresh))  # fmt: skip
+        log.info(
+            "step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d | fresh %d",
+            self.step,
+            self.rate,
+            self.val_loss,
+            self.train_loss,
+            eff,
+            self.table.live,
+            len(self.table.fresh),
+        )
 
 
 def _finite(x: float) -> float | None:
@@ -358,10 +411,13 @@ class _nullcontext:
         return None
 
 
-def _install_signal_handlers(trainer: Trainer) -> None:
+def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:
+    """SIGTERM and SIGINT finish the step and checkpoint; returns the handlers they replace."""
+
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: finishing the step, writing a final checkpoint", signum)
         trainer.stop_requested = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -91,8 +91,9 @@ class Publisher:
         self.last_publish = time.monotonic()
         self.last_doc = doc
 
-    def checkpoint(self, model: TrainModel, state: TrainerState, metrics: dict[str, Any],
-                   settings: dict[str, Any]) -> Checkpoint:  # fmt: skip
+    def checkpoint(
+        self, model: TrainModel, state: TrainerState, metrics: dict[str, Any], settings: dict[str, Any]
+    ) -> Checkpoint:
         """Publish a checkpoint: model file, resumable state, then the SQL row that makes it visible."""
         with Session(self.engine) as session:
             version = next_checkpoint_version(session)

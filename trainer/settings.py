@@ -31,7 +31,9 @@ class TrainerSettings(Settings):
     fresh_fraction: float = Field(
         0.5, ge=0, le=1, description="share of a batch reserved for unscored samples"
     )
-    min_visits: int = Field(3, ge=1, description="a sample stays in the priority queue until scored this often")
+    min_visits: int = Field(
+        3, ge=1, description="a sample stays in the priority queue until scored this often"
+    )
     explore: float = Field(0.05, ge=0, le=1, description="uniform floor mixed into the sampling distribution")
     reweight_every: int = Field(10, ge=1, description="recompute every sample's weight every k steps")
 

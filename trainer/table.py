@@ -126,7 +126,7 @@ class WeightTable:
         return self.tree.sample(k, rng)
 
     def take_fresh(self, k: int) -> np.ndarray:
-        out = []
+        out: list[int] = []
         alive = self.cols["alive"]
         while self.fresh and len(out) < k:
             r = self.fresh.popleft()

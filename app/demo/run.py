@@ -26,8 +26,9 @@ BATCH = 50
 N_EVAL = 200
 
 
-def _agents(client: Client, scn: Scenario, rate: float, seed: int, stop: threading.Event,
-            counts: dict[str, int]) -> None:  # fmt: skip
+def _agents(
+    client: Client, scn: Scenario, rate: float, seed: int, stop: threading.Event, counts: dict[str, int]
+) -> None:
     """Post the scenario's stream at about ``rate`` samples/s until stopped."""
     stream = scn.stream(10_000_000, seed)
     t0, sent = time.monotonic(), 0
@@ -123,29 +124,42 @@ def run_demo(host: str, port: int, steps: int, seed: int, rate: float) -> int:
 def _live_line(client: Client, steps: int, acc: tuple[float, int] | None, elapsed: float) -> None:
     stats, weights = client.stats(), client.weights()
     t = stats["trainer"]
+    effective = weights["summary"]["effective_fraction"]
     shares = "  ".join(f"{k.removeprefix('agent-')} {v:.2f}" for k, v in sorted(weights["sources"].items()))
-    line = (f"\r{elapsed:5.0f}s  step {t['step'] or 0:>5}/{steps}  {t['steps_per_s'] or 0:5.1f} steps/s  "
-            f"received {stats['buffer']['ingested']:>7,}  effective {weights['summary']['effective_fraction']:.2f}  "
-            f"accuracy {f'{acc[0]:.0%}' if acc else '  - '}  | weights {shares}")  # fmt: skip
+    line = (
+        f"\r{elapsed:5.0f}s  step {t['step'] or 0:>5}/{steps}  {t['steps_per_s'] or 0:5.1f} steps/s  "
+        f"received {stats['buffer']['ingested']:>7,}  effective {effective:.2f}  "
+        f"accuracy {f'{acc[0]:.0%}' if acc else '  - '}  | weights {shares}"
+    )
     print(line[:200].ljust(120), end="", flush=True)
 
 
-def _summary(client: Client, scn: Scenario, counts: dict[str, int], start_acc: float,
-             acc: tuple[float, int] | None) -> None:  # fmt: skip
+def _summary(
+    client: Client, scn: Scenario, counts: dict[str, int], start_acc: float, acc: tuple[float, int] | None
+) -> None:
     from app.cli import _table
 
     w = client.weights()
     stats = w.get("source_stats", {})
     rows = []
     for name, quality in sorted(scn.true_quality.items(), key=lambda kv: -kv[1]):
-        rows.append((name, f"{quality:.0%}", f"{w['sources'].get(name, 0):.3f}",
-                     f"{stats.get(name, {}).get('mean_weight', 0):.2f}", f"{counts.get(name, 0):,}"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{quality:.0%}",
+                f"{w['sources'].get(name, 0):.3f}",
+                f"{stats.get(name, {}).get('mean_weight', 0):.2f}",
+                f"{counts.get(name, 0):,}",
+            )
+        )
     print("\nWhat datadiet learned about each agent (true quality is hidden from it):\n")
     _table(["agent", "true quality", "share of training", "mean weight", "samples sent"], rows)
     b = client.stats()["buffer"]
     s = w["summary"]
-    used = int(round(s["effective_fraction"] * s["count"]))
+    used = round(s["effective_fraction"] * s["count"])
     end = f"{acc[0]:.1%} at step {acc[1]}" if acc else "no checkpoint"
     print(f"\nheld-out exact match ({len(scn.test)} problems): start {start_acc:.1%} -> end {end}")
-    print(f"samples received {b['ingested']:,} ({b['duplicates']:,} duplicates refused); "
-          f"effectively used {used:,} of {s['count']:,} live ({s['effective_fraction']:.0%})")  # fmt: skip
+    print(
+        f"samples received {b['ingested']:,} ({b['duplicates']:,} duplicates refused); "
+        f"effectively used {used:,} of {s['count']:,} live ({s['effective_fraction']:.0%})"
+    )

@@ -4,18 +4,28 @@ The text tasks are sized for the ``tiny-gpt`` kind (2 layers, 4 heads, 128 wide,
 They all read the same kind of prompt, two operands in [0, 100) written ``"47+38="``, which is what
 makes them useful for data selection: the samples look alike, and only the answers tell them apart.
 
-- ``ADD`` (the main task): ``"47+38="`` -> ``"85"``. 10,000 distinct problems: 100 validation and 500
-  test problems are held out of the stream, so memorising the trusted set cannot solve the test set,
-  yet a plain run on clean samples reaches ~0.9 exact match within ~1,500 steps of batch 64 on 2 CPU
-  cores (3-digit addition needs far longer: ~0.68 after 3,000 steps, RESEARCH.md).
+- ``ADD`` (the main task): ``"47+38="`` -> ``"85"``. 10,000 distinct problems; 100 validation and 500
+  test problems are held out of the stream, so memorising the trusted set cannot solve the test set
+  (trained on the 100 alone, the model scores 0.02). On the clean samples of a 20,000-sample stream
+  (~6,800 distinct problems) a plain run (AdamW lr 2e-3, batch 64, ~0.02 s/step on 2 CPU cores)
+  reaches 0.59-0.78 exact match at 500 steps, 0.85-0.92 at 1,000 and ~0.9 at 2,000 (seeds 0, 1);
+  3-digit addition is far slower (~0.68 after 3,000 steps, RESEARCH.md). With only ~2,600 distinct
+  problems it is slower too: 0.43 at 1,000 steps, 0.65 at 2,000.
+- Sloppy answers (``Source.noisy``) get the units carry wrong: ``"47+38="`` -> ``"75"``, ``"12+13="``
+  -> ``"35"``. One consistent mistake on the hardest part of the task competes with the right rule
+  instead of averaging out: uniform training on the ``noisy`` stream (40% such answers) scores
+  0.05-0.50 at 500 steps and 0.45-0.5 at 2,000, where answers off by one or ten at random still
+  reached 0.82.
 - ``ABSDIFF`` (the off-task): ``"47+38="`` -> ``"9"``, an agent doing a different job (the distance
   between the operands) on look-alike prompts. The same input maps to a different answer, so each
-  off-task sample pulls the model away from the main task: it conflicts, it is not merely useless.
-  Off-task samples are drawn only where the two answers differ (neither operand is 0).
+  off-task sample pulls the model away from the main task: it conflicts, it is not merely useless
+  (30% of the stream holds uniform training under 0.1 exact match for 2,000 steps). Off-task samples
+  are drawn only where the two answers differ (neither operand is 0).
 - ``ADD_REVERSED`` (the drift task, v2): ``"47+38="`` -> ``"58"``, the sum written least-significant
-  digit first: the consumer of the model changed its output format. It is as learnable as ``ADD`` but
-  contradicts it on almost every input, so after the switch the v1 samples still in the buffer are
-  actively harmful, which is the hard case for a service that must follow the new validation set.
+  digit first: the consumer of the model changed its output format. Learnable from scratch (0.62 at
+  1,000 steps, 0.79 at 2,000), it contradicts ``ADD`` on almost every input, so after the switch the
+  v1 samples still in the buffer are actively harmful: the hard case for a service that must follow
+  the new validation set.
 
 The vector task is scikit-learn's bundled ``load_digits`` (1,797 8x8 images, no download) for the
 ``mlp`` kind: input the 64 pixels scaled to [0, 1], target the digit. Its off-task labels every image

@@ -55,10 +55,16 @@ def download_checkpoint(*, version: str, request: Request, session: SessionDep) 
     headers = {"ETag": etag, "X-Checkpoint-Version": str(ckpt.version), "Cache-Control": "no-cache"}
     inm = request.headers.get("if-none-match")
     # weak comparison, as RFC 9110 asks of If-None-Match: W/"x" matches "x"
-    if inm is not None and (inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]):
+    if inm is not None and (
+        inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]
+    ):
         return Response(status_code=304, headers=headers)
     path = Path(ckpt.path)
     if not path.is_file():
         raise NotFound(f"checkpoint {ckpt.version}'s file is missing on this server")
-    return FileResponse(path, media_type="application/octet-stream", headers=headers,
-                        filename=f"datadiet-v{ckpt.version}.safetensors")  # fmt: skip
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        headers=headers,
+        filename=f"datadiet-v{ckpt.version}.safetensors",
+    )

@@ -29,16 +29,16 @@ def vector_sample(i: int = 0, **fields: Any) -> dict[str, Any]:
     return {"id": f"v{i}", "source": "sensor", "input": [0.5, -1.0, 2.0, float(i)], "target": i % 3, **fields}
 
 
-def post(app_client: TestClient, samples: list[Any]) -> httpx.Response:
-    return app_client.post("/v1/samples", json={"samples": samples})
+def post(client: TestClient, samples: list[Any]) -> httpx.Response:
+    return client.post("/v1/samples", json={"samples": samples})
 
 
-def post_raw(app_client: TestClient, body: str | bytes) -> httpx.Response:
-    return app_client.post("/v1/samples", content=body, headers={"Content-Type": "application/json"})
+def post_raw(client: TestClient, body: str | bytes) -> httpx.Response:
+    return client.post("/v1/samples", content=body, headers={"Content-Type": "application/json"})
 
 
-def buffer_stats(app_client: TestClient) -> dict[str, Any]:
-    return app_client.get("/v1/stats").json()["buffer"]
+def buffer_stats(client: TestClient) -> dict[str, Any]:
+    return client.get("/v1/stats").json()["buffer"]
 
 
 def error_of(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:

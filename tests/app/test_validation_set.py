@@ -22,12 +22,12 @@ def val_samples(*names: str) -> dict[str, Any]:
     return {"samples": [{"input": f"{n}?", "target": n} for n in names]}
 
 
-def put(app_client: TestClient, *names: str) -> httpx.Response:
-    return app_client.put("/v1/validation", json=val_samples(*names))
+def put(client: TestClient, *names: str) -> httpx.Response:
+    return client.put("/v1/validation", json=val_samples(*names))
 
 
-def append(app_client: TestClient, *names: str) -> httpx.Response:
-    return app_client.post("/v1/validation", json=val_samples(*names))
+def append(client: TestClient, *names: str) -> httpx.Response:
+    return client.post("/v1/validation", json=val_samples(*names))
 
 
 def test_validation_set_starts_empty_at_version_0(app_client: TestClient) -> None:

@@ -19,8 +19,15 @@ class Weighting:
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
 
-    def observe(self, table: WeightTable, rows: np.ndarray, dots: np.ndarray, norms: np.ndarray,
-                g_norm: float, step: int) -> None:  # fmt: skip
+    def observe(
+        self,
+        table: WeightTable,
+        rows: np.ndarray,
+        dots: np.ndarray,
+        norms: np.ndarray,
+        g_norm: float,
+        step: int,
+    ) -> None:
         """Take one batch's outer-step scores: dots = <grad loss_i, G_val>, norms = ||grad loss_i||."""
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:

@@ -49,8 +49,15 @@ class Bilevel(Weighting):
         if len(self.source_mean) < n:
             self.source_mean = np.concatenate([self.source_mean, np.zeros(n - len(self.source_mean))])
 
-    def observe(self, table: WeightTable, rows: np.ndarray, dots: np.ndarray, norms: np.ndarray,
-                g_norm: float, step: int) -> None:  # fmt: skip
+    def observe(
+        self,
+        table: WeightTable,
+        rows: np.ndarray,
+        dots: np.ndarray,
+        norms: np.ndarray,
+        g_norm: float,
+        step: int,
+    ) -> None:
         u = dots / (norms * g_norm + EPS)  # (B,) cosine
         c = u - np.median(u)  # (B,) centred
         b = self.settings.source_beta

@@ -1,0 +1,72 @@
+"""Helpers for the trainer's behaviour tests: a synthetic two-source stream and an in-process trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from store.feed import TrainerFeed
+from store.keys import Keys
+from store.meta import make_engine, migrate
+from trainer.loop import Trainer
+from trainer.settings import TrainerSettings
+
+N_FEATURES, N_CLASSES = 16, 4
+MLP = {"n_features": N_FEATURES, "n_classes": N_CLASSES}
+
+
+def blobs(n: int, seed: int, *, source: str, noisy: bool, prefix: str) -> list[dict[str, Any]]:
+    """Gaussian blobs, one per class (fixed centres); a noisy source's labels are uniformly random."""
+    centres = np.random.default_rng(1234).normal(0, 1.5, size=(N_CLASSES, N_FEATURES))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, N_CLASSES, size=n)
+    x = centres[y] + rng.normal(0, 1.0, size=(n, N_FEATURES))
+    label = rng.integers(0, N_CLASSES, size=n) if noisy else y
+    return [
+        {
+            "id": f"{prefix}-{i}",
+            "source": source,
+            "input": [round(float(v), 5) for v in x[i]],
+            "target": int(label[i]),
+            "meta": {"corrupted": bool(label[i] != y[i])},
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def make_trainer(redis_url: str, tmp_path: Path) -> Callable[..., Trainer]:
+    """``make_trainer(**settings)``: a Trainer on the test's Redis and a SQLite under tmp (mlp by default)."""
+
+    def make(**overrides: Any) -> Trainer:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "data_dir": tmp_path / "data",
+            "model": "mlp",
+            "model_params": MLP,
+            "checkpoint_every": 10_000,
+            "torch_threads": 1,
+            "progress_every_s": 3600.0,
+            **overrides,
+        }
+        settings = TrainerSettings(_env_file=None, **values)  # type: ignore[call-arg]
+        engine = make_engine(settings.resolved_database_url)
+        migrate(engine)
+        feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys(settings.redis_prefix), settings.consumer)
+        return Trainer(settings, feed, engine)
+
+    return make
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
