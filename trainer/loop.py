@@ -250,17 +250,28 @@ class Trainer:
                 losses = self.model.per_sample_loss(batch)  # (B,)
             loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
             loss.backward()
+        losses_np = losses.detach().double().cpu().numpy()
+        self.weighting.observe_losses(self.table, rows, losses_np, self.step)
+        dots_np = norms_np = None
         if scoring:
             assert self.g_val is not None
             dots, norms = self.scorer.scores(c, self.g_val)
+            dots_np, norms_np = dots.double().cpu().numpy(), norms.double().cpu().numpy()
             g_norm = float(torch.stack([g.float().square().sum() for g in self.g_val]).sum().sqrt())
-            self.weighting.observe(
-                self.table, rows, dots.double().cpu().numpy(), norms.double().cpu().numpy(), g_norm, self.step
-            )
+            self.weighting.observe(self.table, rows, dots_np, norms_np, g_norm, self.step)
             self.scorings += 1
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
             again = rows[self.table.visits[rows] < s.min_visits]
             self.table.fresh.extend(np.unique(again).tolist())
+        # per-batch baselines (L2RW, RHO-LOSS selection) re-weight this very batch: a second backward
+        batch_coef = self.weighting.batch_coef(self.table, rows, coef, losses_np, dots_np, norms_np)
+        if batch_coef is not None:
+            self.opt.zero_grad(set_to_none=True)
+            c2 = torch.as_tensor(batch_coef, dtype=torch.float32, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                losses = self.model.per_sample_loss(batch)
+            loss = (c2 * losses.float()).sum()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -30,6 +30,22 @@ class Weighting:
     ) -> None:
         """Take one batch's outer-step scores: dots = <grad loss_i, G_val>, norms = ||grad loss_i||."""
 
+    def observe_losses(self, table: WeightTable, rows: np.ndarray, losses: np.ndarray, step: int) -> None:
+        """Every step: the batch's per-sample training losses (before the update)."""
+
+    def batch_coef(
+        self,
+        table: WeightTable,
+        rows: np.ndarray,
+        coef: np.ndarray,
+        losses: np.ndarray,
+        dots: np.ndarray | None,
+        norms: np.ndarray | None,
+    ) -> np.ndarray | None:
+        """Per-batch methods return new loss coefficients for this batch (summing to 1, all > 0); the loop
+        then redoes the backward with them. None (the default) keeps the step as it is."""
+        return None
+
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
         """Every row's weight (dead rows 0), averaging 1 over live rows."""
         return np.where(table.alive, 1.0, 0.0).astype(np.float32)
