@@ -63,6 +63,14 @@ def content_id(source: Any, input: Any, target: Any) -> str:
     return hashlib.sha256(canon).hexdigest()
 
 
+def _normal_text(s: str) -> str:
+    """Case-folded, with runs of whitespace collapsed (the split/join only when there is any to collapse)."""
+    s = s.strip().lower()
+    if "  " in s or "\t" in s or "\n" in s or "\r" in s:
+        s = " ".join(s.split())
+    return s
+
+
 def content_group(input: Any, target: Any) -> str:
     """A 64-bit key shared by identical or near-identical content, whatever its id or source.
 
@@ -71,11 +79,11 @@ def content_group(input: Any, target: Any) -> str:
     instead of multiplying it.
     """
     if isinstance(input, str):
-        key: Any = " ".join(input.lower().split())
+        key: Any = _normal_text(input)
     else:
         scale = max((abs(float(x)) for x in input), default=0.0) or 1.0
         key = [round(float(x) / scale * VECTOR_LEVELS) for x in input]
-    tgt = " ".join(target.lower().split()) if isinstance(target, str) else target
+    tgt = _normal_text(target) if isinstance(target, str) else target
     return hashlib.blake2b(orjson.dumps([key, tgt]), digest_size=8).hexdigest()
 
 
@@ -223,7 +231,7 @@ def to_record(s: dict[str, Any]) -> SampleRecord:
     """A validated sample as the buffer stores it (id filled in, compact payload)."""
     source = s.get("source", "")
     sid = s.get("id") or content_id(source, s["input"], s["target"])
-    doc = {"id": sid, "source": source, "input": s["input"], "target": s["target"]}
+    doc = {"id": sid, "source": source, "input": s["input"], "target": s["target"]}  # id first: see INGEST
     if s.get("reward") is not None:
         doc["reward"] = s["reward"]
     if s.get("meta") is not None:

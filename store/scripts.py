@@ -41,7 +41,8 @@ if over > 0 then
     local payload = redis.call('HGET', KEYS[2], o)
     if payload then
       redis.call('HDEL', KEYS[2], o)
-      redis.call('HDEL', KEYS[1], cjson.decode(payload)['id'])
+      -- payloads are compact JSON whose first key is the id (no escapes: ids are [A-Za-z0-9._:-])
+      redis.call('HDEL', KEYS[1], string.match(payload, '^{"id":"([^"]*)"'))
       evicted = evicted + 1
     end
   end
