@@ -137,12 +137,13 @@ def cmd_weights(args: argparse.Namespace) -> int:
     with Client(args.url, api_key=args.api_key) as client:
         if args.lowest or args.highest:
             doc = client.ranked("asc" if args.lowest else "desc", args.lowest or args.highest)
-            rows: list[tuple[Any, ...]] = [(i, doc.get("sources", {}).get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
-            _table(["sample", "source", "weight"], rows)
+            sources = doc.get("sources", {})
+            ranked = [(i, sources.get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
+            _table(["sample", "source", "weight"], ranked)
             return 0
         doc = client.weights()
     stats = doc.get("source_stats", {})
-    rows = [
+    rows: list[tuple[Any, ...]] = [
         (
             name,
             f"{share:.3f}",
