@@ -40,6 +40,15 @@ class ValidationError(DatadietError):
     status, type = 422, "ValidationError"
 
 
+class Unauthorized(DatadietError):
+    status, type = 401, "Unauthorized"
+    headers: ClassVar[Mapping[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(DatadietError):
+    status, type = 403, "Forbidden"
+
+
 class NotFound(DatadietError):
     status, type = 404, "NotFound"
 

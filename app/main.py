@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import parse_keys
 from app.errors import install_error_handlers
 from app.routes import checkpoints, samples, status, validation, weights
 from app.schema import InputSpec
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    api_keys = parse_keys(settings.api_keys)  # a malformed spec fails here, at start-up
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await run_in_threadpool(migrate, engine)
             app.state.settings = settings
+            app.state.api_keys = api_keys
             app.state.engine = engine
             app.state.input_spec = InputSpec.from_settings(
                 settings.resolved_input_kind, settings.model_params

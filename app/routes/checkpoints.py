@@ -13,11 +13,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
+from app.auth import require
 from app.deps import SessionDep
 from app.errors import NotFound, ValidationError
 from store.meta import Checkpoint, latest_checkpoint
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[require("read")])
 
 
 def _find(session: SessionDep, version: str) -> Checkpoint:

@@ -7,14 +7,16 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from app.auth import require
 from app.deps import BufferDep, SpecDep, read_json
 from app.errors import NotFound
 from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
 
 router = APIRouter(prefix="/v1/samples", tags=["samples"])
+INGEST, ADMIN = [require("ingest")], [require("admin")]
 
 
-@router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY})
+@router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY}, dependencies=INGEST)
 async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) -> Response:
     """Ingest 1-10,000 samples, all or nothing; re-posting an id is a duplicate, not an error."""
     samples = samples_list(await read_json(request))
@@ -25,7 +27,7 @@ async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) ->
     return Response(orjson.dumps(body), status_code=202, media_type="application/json")
 
 
-@router.get("/{sample_id}")
+@router.get("/{sample_id}", dependencies=ADMIN)
 async def get_sample(*, sample_id: str, buffer: BufferDep) -> dict[str, Any]:
     """One stored sample with its current weight (1.0 until the trainer has weighted it)."""
     doc = await buffer.get(sample_id)

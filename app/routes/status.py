@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import require
 from app.deps import BufferDep, EngineDep
 
 router = APIRouter(tags=["status"])
@@ -44,13 +45,13 @@ async def readyz(*, buffer: BufferDep, engine: EngineDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "checks": {"redis": "ok", "database": "ok"}})
 
 
-@router.get("/v1/stats")
+@router.get("/v1/stats", dependencies=[require("read")])
 async def stats(*, buffer: BufferDep) -> dict[str, Any]:
     """Buffer size and counters, the validation set, and the trainer's progress."""
     return await buffer.stats()
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[require("read")])
 async def metrics(*, buffer: BufferDep) -> PlainTextResponse:
     """Prometheus text format."""
     s = await buffer.stats()

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import APIRouter, Request
 
+from app.auth import require
 from app.deps import BufferDep, EngineDep, SpecDep, read_json
 from app.errors import ValidationError
 from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
@@ -13,7 +14,7 @@ from store.buffer import ValidationSetFull
 from store.meta import record_validation_version
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/validation", tags=["validation"])
+router = APIRouter(prefix="/v1/validation", tags=["validation"], dependencies=[require("admin")])
 
 
 async def _write(request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep, append: bool) -> dict:

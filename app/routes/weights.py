@@ -6,10 +6,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 
+from app.auth import require
 from app.deps import BufferDep
 from app.errors import ValidationError
 
-router = APIRouter(prefix="/v1/weights", tags=["weights"])
+router = APIRouter(prefix="/v1/weights", tags=["weights"], dependencies=[require("read")])
 MAX_IDS = 10_000
 
 

@@ -1,0 +1,61 @@
+"""API keys with scopes (``DATADIET_API_KEYS="key1:ingest,key2:read+ingest,key3:admin"``).
+
+Scopes: ``ingest`` (post samples), ``read`` (weights, checkpoints, stats, metrics), ``admin`` (the
+validation set, sample look-ups, and everything else; admin holds every scope). With no keys configured
+the API is open, and the CLI refuses to bind beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Depends, Request
+
+from app.errors import Forbidden, Unauthorized
+
+SCOPES = frozenset({"ingest", "read", "admin"})
+
+
+def parse_keys(spec: str | None) -> dict[str, frozenset[str]]:
+    """``"k1:ingest+read,k2:admin"`` -> {"k1": {"ingest", "read"}, "k2": {"admin"}}; errors name the entry."""
+    keys: dict[str, frozenset[str]] = {}
+    for entry in (spec or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key, sep, scopes = entry.partition(":")
+        wanted = frozenset(s.strip() for s in scopes.split("+") if s.strip())
+        if not sep or not key or not wanted or not wanted <= SCOPES:
+            raise ValueError(
+                f"DATADIET_API_KEYS entry {entry!r}: expected key:scope[+scope], scopes {sorted(SCOPES)}"
+            )
+        keys[key] = wanted
+    return keys
+
+
+def _scopes_of(request: Request, keys: dict[str, frozenset[str]]) -> frozenset[str]:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("this API needs a key: send 'Authorization: Bearer <key>'")
+    for key, scopes in keys.items():  # compare every key in constant time
+        if hmac.compare_digest(key.encode(), token.strip().encode()):
+            return scopes
+    raise Unauthorized("unknown API key")
+
+
+def require(scope: str) -> Any:
+    """A dependency that lets the request through when auth is off or its key holds ``scope`` (or admin)."""
+
+    async def check(request: Request) -> None:
+        keys: dict[str, frozenset[str]] = request.app.state.api_keys
+        if not keys:
+            return
+        scopes = _scopes_of(request, keys)
+        if scope not in scopes and "admin" not in scopes:
+            raise Forbidden(f"this API key lacks the {scope!r} scope", scope=scope)
+
+    dep: Callable[[Request], Coroutine[Any, Any, None]] = check
+    return Depends(dep)
