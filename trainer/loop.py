@@ -100,6 +100,7 @@ class Trainer:
         self.train_loss = math.nan
         self.stop_requested = False
         self.autocast = self.device.type == "cuda"
+        self.weighting.bind(self)  # rules that need the trainer's model kind, validation set or payloads
 
     # ------------------------------------------------------------------ start-up
     def restore(self) -> None:

@@ -87,3 +87,36 @@ def test_reweighted_model_beats_uniform_on_held_out_clean_data(
         trainer.run()
         losses[method] = held_out_loss(trainer)
     assert losses["bilevel"] < losses["uniform"], losses
+
+
+def test_identical_content_under_different_ids_shares_one_weight(
+    make_settings: Callable[..., Any],
+    make_client: Callable[..., TestClient],
+    make_trainer: Callable[..., Trainer],
+) -> None:
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    copies = [{**CLEAN[0], "id": f"copy-{i}"} for i in range(200)]
+    assert api.post("/v1/samples", json={"samples": CLEAN[1:1000] + copies}).status_code == 202
+    assert api.put("/v1/validation", json={"samples": VALIDATION}).status_code == 200
+    make_trainer(max_steps=200).run()
+    got = api.get("/v1/weights/samples", params={"ids": ",".join(c["id"] for c in copies)}).json()["weights"]
+    others = api.get("/v1/weights/samples", params={"ids": ",".join(s["id"] for s in CLEAN[1:400])}).json()
+    copy_weights = np.array(list(got.values()))
+    assert len(copy_weights) == 200 and np.ptp(copy_weights) < 1e-6  # one weight, split among the copies
+    # all 200 copies together weigh about what one sample does, not 200 times as much
+    assert copy_weights.sum() < 3 * np.median(list(others["weights"].values()))
+
+
+def test_a_new_validation_set_is_picked_up_within_a_few_steps(
+    post_stream: Callable[[str], TestClient], make_trainer: Callable[..., Trainer]
+) -> None:
+    api = post_stream("dd")
+    trainer = make_trainer(max_steps=30)
+    trainer.run()
+    first = trainer.val_version
+    version = api.put("/v1/validation", json={"samples": HELD_OUT[:50]}).json()["version"]
+    assert version > first
+    trainer.settings.max_steps = 30 + trainer.settings.validation_check_every + 1
+    trainer.run()
+    assert trainer.val_version == version
+    assert [s["id"] for s in trainer.val_samples] == [s["id"] for s in HELD_OUT[:50]]

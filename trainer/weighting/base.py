@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 
 
 class Weighting:
@@ -18,6 +21,10 @@ class Weighting:
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
+
+    def bind(self, trainer: Trainer) -> None:
+        """Called once by the Trainer that uses this rule (rules that need its validation set, payloads or
+        device keep a reference; most need nothing)."""
 
     def observe(
         self,
@@ -70,12 +77,17 @@ def normalise(raw: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return (raw * (n / total)).astype(np.float32)
 
 
-def group_counts(table: WeightTable) -> np.ndarray:
-    """For each row, how many live rows share its content group (1 for unique content, 0 for dead rows)."""
+def shared_weights(table: WeightTable, z: np.ndarray) -> np.ndarray:
+    """exp(logit) per row, with identical content sharing one weight instead of multiplying it.
+
+    For a content group g with live copies C_g:  w_i = exp(mean_{j in C_g} z_j) / |C_g|  for i in C_g,
+    so all copies weigh the same and together weigh what one sample with that logit would. Dead rows 0.
+    """
     alive = table.alive
-    counts = np.zeros(table.n, dtype=np.float64)
+    raw = np.zeros(table.n, dtype=np.float64)
     if not alive.any():
-        return counts
-    _, inverse, n = np.unique(table.group[alive], return_inverse=True, return_counts=True)
-    counts[alive] = n[inverse]
-    return counts
+        return raw
+    _, inverse, counts = np.unique(table.group[alive], return_inverse=True, return_counts=True)
+    z_group = np.bincount(inverse, weights=z[alive], minlength=len(counts)) / counts
+    raw[alive] = np.exp(z_group[inverse]) / counts[inverse]
+    return raw

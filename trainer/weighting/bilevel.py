@@ -30,7 +30,7 @@ import numpy as np
 
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import Weighting, group_counts, normalise
+from trainer.weighting.base import Weighting, normalise, shared_weights
 
 EPS = 1e-12
 VALIDATION_CHANGE_DECAY = 0.25
@@ -91,9 +91,7 @@ class Bilevel(Weighting):
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
         if self.sig2 == 0:
             return super().weights(table, step)
-        counts = group_counts(table)
-        raw = np.exp(self.logits(table, step)) / np.maximum(counts, 1.0)
-        return normalise(raw, table.alive)
+        return normalise(shared_weights(table, self.logits(table, step)), table.alive)
 
     def on_validation_change(self, table: WeightTable) -> None:
         """Old evidence fades: the task may have changed, so new scores must dominate quickly."""

@@ -1,0 +1,115 @@
+"""RHO-LOSS-style selection (Mindermann et al., 2022), a baseline: train on the points whose loss is
+reducible, i.e. high under the current model but low under a model trained on trusted data.
+
+    IL_i  = loss_i(theta_IL)              irreducible loss: a copy of the model kind trained on the
+                                          validation set alone (IL_STEPS steps, when it first appears and
+                                          again whenever it is replaced)
+    RL_i  = loss_i(theta) - IL_i          reducible loss; loss_i(theta) is the step's own forward
+    keep the top ceil(SELECT_FRACTION * B) of the batch by RL_i, each with coefficient 1/k; the rest get
+    a floor (the loop redoes the backward with these coefficients, ``batch_coef``)
+
+Wrong labels have a high training loss but also a high irreducible loss (the trusted model disagrees with
+them too), so they are skipped; points already learnt have a low training loss and are skipped too. The
+paper selects 10% of a 10x larger batch; here every method takes the same batch and step budget, so the
+rule selects within the batch. The persistent weights stay uniform (sampling is uniform).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from trainer.models import TrainModel, build_model
+from trainer.models.base import to_device
+from trainer.settings import TrainerSettings
+from trainer.table import WeightTable
+from trainer.weighting.base import Weighting
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+SELECT_FRACTION = 0.25
+IL_STEPS = 300
+COEF_FLOOR = 1e-8  # the loop wants every coefficient > 0
+
+
+class RhoLoss(Weighting):
+    name: ClassVar[str] = "rholoss"
+    scores: ClassVar[bool] = False
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        super().__init__(settings)
+        self.trainer: Trainer | None = None
+        self.il_model: TrainModel | None = None
+        self.il_version: int | None = None  # the validation version the IL model was trained on
+
+    def bind(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def batch_coef(
+        self,
+        table: WeightTable,
+        rows: np.ndarray,
+        coef: np.ndarray,
+        losses: np.ndarray,
+        dots: np.ndarray | None,
+        norms: np.ndarray | None,
+    ) -> np.ndarray | None:
+        t = self.trainer
+        if t is None or not t.val_samples:  # nothing trusted yet: a plain step
+            return None
+        if self.il_model is None or self.il_version != t.val_version:
+            self.il_model = train_irreducible(self.settings, t.val_samples, t.device)
+            self.il_version = t.val_version
+        payloads = t.cache.get(table.ordinal[rows])  # the batch's payloads, just fetched: cache hits
+        if any(p is None for p in payloads):
+            return None
+        il = per_sample_loss(self.il_model, payloads, t.device)  # (B,)
+        return select_top(losses - il, SELECT_FRACTION)
+
+
+def select_top(reducible: np.ndarray, fraction: float) -> np.ndarray:
+    """Coefficients (B,) summing to 1: 1/k on the k = ceil(fraction * B) highest ``reducible``, a floor
+    elsewhere."""
+    b = len(reducible)
+    k = max(1, min(b, math.ceil(fraction * b)))
+    top = np.argsort(-np.asarray(reducible, dtype=np.float64), kind="stable")[:k]
+    w = np.full(b, COEF_FLOOR)
+    w[top] = 1.0 / k
+    return w / w.sum()
+
+
+@torch.no_grad()
+def per_sample_loss(model: TrainModel, samples: Sequence[Any], device: torch.device) -> np.ndarray:
+    """loss_i under ``model`` for Sample dicts, (B,), without gradients."""
+    model.eval()
+    batch = to_device(model.collate(samples), device)
+    return model.per_sample_loss(batch).double().cpu().numpy()
+
+
+def train_irreducible(
+    settings: TrainerSettings, samples: list[dict[str, Any]], device: torch.device
+) -> TrainModel:
+    """A fresh model of the trainer's kind and config, trained on ``samples`` (the validation set) for
+    IL_STEPS AdamW steps of mean loss on batches drawn with replacement. The global torch RNG is left as
+    it was, so the main model's run does not depend on whether this one was trained."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed + 1)
+        model = build_model(settings.model, settings.model_params).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    rng = np.random.default_rng([settings.seed, 1])
+    k = min(settings.batch_size, len(samples))
+    model.train()
+    for _ in range(IL_STEPS):
+        idx = rng.integers(len(samples), size=k)
+        batch = to_device(model.collate([samples[i] for i in idx]), device)
+        loss = model.per_sample_loss(batch).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
