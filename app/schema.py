@@ -78,13 +78,15 @@ def content_group(input: Any, target: Any) -> str:
     the vector's largest magnitude (copies with faint noise agree). Copies share one weight in the trainer
     instead of multiplying it.
     """
+    h = hashlib.blake2b(digest_size=8)
     if isinstance(input, str):
-        key: Any = _normal_text(input)
+        h.update(_normal_text(input).encode())
     else:
         scale = max((abs(float(x)) for x in input), default=0.0) or 1.0
-        key = [round(float(x) / scale * VECTOR_LEVELS) for x in input]
-    tgt = _normal_text(target) if isinstance(target, str) else target
-    return hashlib.blake2b(orjson.dumps([key, tgt]), digest_size=8).hexdigest()
+        h.update(orjson.dumps([round(float(x) / scale * VECTOR_LEVELS) for x in input]))
+    h.update(b"\x00")  # input and target apart
+    h.update(_normal_text(target).encode() if isinstance(target, str) else str(target).encode())
+    return h.hexdigest()
 
 
 def _is_number(x: Any) -> bool:

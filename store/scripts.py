@@ -15,20 +15,36 @@ INGEST = """
 local cap = tonumber(ARGV[1])
 local fresh = tonumber(ARGV[2])
 local out = {0, 0, 0}
-local accepted, dups = 0, 0
+-- pass 1: which samples are new (not stored, not earlier in this batch)
+local new, seen = {}, {}
 for b = 4, #ARGV, 4 do
   local id = ARGV[b]
-  if redis.call('HEXISTS', KEYS[1], id) == 1 then
-    dups = dups + 1
+  if seen[id] or redis.call('HEXISTS', KEYS[1], id) == 1 then
     out[#out + 1] = 0
   else
-    local o = redis.call('INCR', KEYS[3])
-    redis.call('HSET', KEYS[1], id, o)
-    redis.call('HSET', KEYS[2], o, ARGV[b + 3])
-    redis.call('ZADD', KEYS[5], fresh + o, o)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'o', o, 's', ARGV[b + 1], 'g', ARGV[b + 2])
-    accepted = accepted + 1
+    seen[id] = true
+    new[#new + 1] = b
     out[#out + 1] = 1
+  end
+end
+local accepted = #new
+local dups = (#ARGV - 3) / 4 - accepted
+-- pass 2: ordinals from one INCRBY, then variadic writes in chunks (fewer calls per sample)
+if accepted > 0 then
+  local first = redis.call('INCRBY', KEYS[3], accepted) - accepted + 1
+  local CHUNK = 256
+  for c = 1, accepted, CHUNK do
+    local ids, samples, ranks = {}, {}, {}
+    for j = c, math.min(c + CHUNK - 1, accepted) do
+      local b, o = new[j], first + j - 1
+      ids[#ids + 1] = ARGV[b]; ids[#ids + 1] = o
+      samples[#samples + 1] = o; samples[#samples + 1] = ARGV[b + 3]
+      ranks[#ranks + 1] = fresh + o; ranks[#ranks + 1] = o
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'o', o, 's', ARGV[b + 1], 'g', ARGV[b + 2])
+    end
+    redis.call('HSET', KEYS[1], unpack(ids))
+    redis.call('HSET', KEYS[2], unpack(samples))
+    redis.call('ZADD', KEYS[5], unpack(ranks))
   end
 end
 local evicted = 0

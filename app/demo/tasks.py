@@ -7,7 +7,7 @@ makes them useful for data selection: the samples look alike, and only the answe
 - ``ADD`` (the main task): ``"47+38="`` -> ``"85"``. 10,000 distinct problems; 100 validation and 500
   test problems are held out of the stream, so memorising the trusted set cannot solve the test set
   (trained on the 100 alone, the model scores 0.02). On the clean samples of a 20,000-sample stream
-  (~6,800 distinct problems) a plain run (AdamW lr 2e-3, batch 64, ~0.02 s/step on 2 CPU cores)
+  (~6,800 distinct problems) a plain run (AdamW lr 2e-3, batch 64, ~0.016 s/step on 2 idle CPU cores)
   reaches 0.59-0.78 exact match at 500 steps, 0.85-0.92 at 1,000 and ~0.9 at 2,000 (seeds 0, 1);
   3-digit addition is far slower (~0.68 after 3,000 steps, RESEARCH.md). With only ~2,600 distinct
   problems it is slower too: 0.43 at 1,000 steps, 0.65 at 2,000.
@@ -24,8 +24,9 @@ makes them useful for data selection: the samples look alike, and only the answe
 - ``ADD_REVERSED`` (the drift task, v2): ``"47+38="`` -> ``"58"``, the sum written least-significant
   digit first: the consumer of the model changed its output format. Learnable from scratch (0.62 at
   1,000 steps, 0.79 at 2,000), it contradicts ``ADD`` on almost every input, so after the switch the
-  v1 samples still in the buffer are actively harmful: the hard case for a service that must follow
-  the new validation set.
+  v1 samples still in the buffer are actively harmful (uniform training on 10,000 v1 then 10,000 v2
+  samples scores 0.04 on the v2 test set after 2,000 steps): the hard case for a service that must
+  follow the new validation set.
 
 The vector task is scikit-learn's bundled ``load_digits`` (1,797 8x8 images, no download) for the
 ``mlp`` kind: input the 64 pixels scaled to [0, 1], target the digit. Its off-task labels every image
