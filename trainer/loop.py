@@ -263,7 +263,7 @@ class Trainer:
             self.scorings += 1
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
             again = rows[self.table.visits[rows] < s.min_visits]
-            self.table.fresh.extend(np.unique(again).tolist())
+            self.table.fresh.extend(np.unique(again))
         # per-batch baselines (L2RW, RHO-LOSS selection) re-weight this very batch: a second backward
         batch_coef = self.weighting.batch_coef(self.table, rows, coef, losses_np, dots_np, norms_np)
         if batch_coef is not None:

@@ -9,7 +9,7 @@ sum tree's ~8.5 and a float32 weight: ~38 bytes per live sample.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,50 @@ _FIELDS: dict[str, Any] = {
 }
 
 
+class RowQueue:
+    """A FIFO of row indices in one int64 buffer: 8-16 bytes a queued row (a deque of Python ints: ~40).
+
+    Quacks like the ``deque[int]`` it replaces where the trainer uses it: ``extend``, ``len``, iteration,
+    ``clear``."""
+
+    def __init__(self, rows: Any = ()) -> None:
+        self._buf = np.empty(16, dtype=np.int64)
+        self._head = self._tail = 0
+        self.extend(rows)
+
+    def __len__(self) -> int:
+        return self._tail - self._head
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._buf[self._head : self._tail].tolist())
+
+    def array(self) -> np.ndarray:
+        return self._buf[self._head : self._tail].copy()
+
+    def clear(self) -> None:
+        self._head = self._tail = 0
+
+    def extend(self, rows: Any) -> None:
+        rows = (
+            np.fromiter(rows, dtype=np.int64) if not isinstance(rows, np.ndarray) else rows.astype(np.int64)
+        )
+        n, k = len(self), len(rows)
+        if self._tail + k > len(self._buf):
+            buf = self._buf if n + k <= len(self._buf) // 2 else np.empty(2 * (n + k), dtype=np.int64)
+            buf[:n] = self._buf[self._head : self._tail]  # slide to the front (or into a bigger buffer)
+            self._buf, self._head, self._tail = buf, 0, n
+        self._buf[self._tail : self._tail + k] = rows
+        self._tail += k
+
+    def pop(self, k: int) -> np.ndarray:
+        """The oldest ``k`` rows (fewer if there are not that many), removed."""
+        out = self._buf[self._head : self._head + min(k, len(self))].copy()
+        self._head += len(out)
+        if self._head == self._tail:
+            self.clear()
+        return out
+
+
 class WeightTable:
     def __init__(self, capacity: int = 1024) -> None:
         self.n = 0  # rows in use (live and dead)
@@ -34,8 +78,10 @@ class WeightTable:
         self.sources: list[str] = []
         self._source_index: dict[str, int] = {}
         self.tree = SumTree(capacity)
-        self.fresh: deque[int] = deque()  # rows never scored yet, oldest first
+        self.fresh = RowQueue()  # rows never scored yet, oldest first
         self.evicted = 0  # rows dropped because their sample left the buffer
+        self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
+        self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
 
     # columns -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> np.ndarray:
@@ -46,7 +92,7 @@ class WeightTable:
 
     @property
     def live(self) -> int:
-        return int(self.cols["alive"][: self.n].sum())
+        return self._live
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +109,11 @@ class WeightTable:
     def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
         """Append rows for samples not already in the table; returns the new rows' indices."""
         ordinals = np.asarray(ordinals, dtype=np.int64)
-        keep = ~np.isin(ordinals, self.ordinal) if self.n else np.ones(len(ordinals), bool)
+        if not len(ordinals):
+            return np.empty(0, dtype=np.int64)
+        # new stream entries have ordinals above every row's: skip the O(n) membership test for them
+        seen = self.n > 0 and int(ordinals.min()) <= self._max_ordinal
+        keep = ~np.isin(ordinals, self.ordinal) if seen else np.ones(len(ordinals), bool)
         keep &= _first_occurrence(ordinals)
         if not keep.any():
             return np.empty(0, dtype=np.int64)
@@ -75,19 +125,22 @@ class WeightTable:
         c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
         c["score_sum"][rows], c["visits"][rows], c["alive"][rows], c["weight"][rows] = 0, 0, True, 1.0
         self.n += len(rows)
+        self._live += len(rows)
+        self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
         self.tree.update(rows, np.ones(len(rows)))
-        self.fresh.extend(rows.tolist())
+        self.fresh.extend(rows)
         return rows
 
     def kill(self, rows: np.ndarray) -> None:
         """Mark rows whose samples were evicted from the buffer."""
         rows = np.asarray(rows, dtype=np.int64)
-        rows = rows[self.cols["alive"][rows]]
+        rows = np.unique(rows[self.cols["alive"][rows]])
         if len(rows):
             self.cols["alive"][rows] = False
             self.cols["weight"][rows] = 0
             self.tree.update(rows, np.zeros(len(rows)))
             self.evicted += len(rows)
+            self._live -= len(rows)
 
     def compact(self) -> np.ndarray | None:
         """Drop dead rows when they are over a quarter of the table; returns old->new row map or None."""
@@ -103,7 +156,8 @@ class WeightTable:
             )
         self.n = int(alive.sum())
         self.tree = SumTree(len(self.cols["alive"]))
-        self.fresh = deque(int(remap[r]) for r in self.fresh if remap[r] >= 0)
+        kept = remap[self.fresh.array()]
+        self.fresh = RowQueue(kept[kept >= 0])
         return remap
 
     def _reserve(self, needed: int) -> None:
@@ -126,18 +180,19 @@ class WeightTable:
         return self.tree.sample(k, rng)
 
     def take_fresh(self, k: int) -> np.ndarray:
-        out: list[int] = []
-        alive = self.cols["alive"]
-        while self.fresh and len(out) < k:
-            r = self.fresh.popleft()
-            if alive[r]:
-                out.append(r)
-        return np.array(out, dtype=np.int64)
+        out: list[np.ndarray] = []
+        need, alive = k, self.cols["alive"]
+        while need > 0 and len(self.fresh):
+            rows = self.fresh.pop(need)
+            rows = rows[alive[rows]]
+            out.append(rows)
+            need -= len(rows)
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
     # persistence -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
-        arrays["fresh"] = np.array(list(self.fresh), dtype=np.int64)
+        arrays["fresh"] = self.fresh.array()
         return arrays, {"sources": self.sources, "evicted": self.evicted}
 
     @classmethod
@@ -147,10 +202,12 @@ class WeightTable:
         for k in _FIELDS:
             t.cols[k][:n] = arrays[k]
         t.n = n
+        t._live = int(t.alive.sum())
+        t._max_ordinal = int(t.ordinal.max()) if n else -1
         for s in info["sources"]:
             t.source_id(s)
         t.evicted = int(info.get("evicted", 0))
-        t.fresh = deque(int(r) for r in arrays["fresh"])
+        t.fresh = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
         t.set_sampling(np.where(t.alive, np.maximum(t.weight, 1e-6), 0.0))
         return t
 
