@@ -39,8 +39,17 @@ class TrainerSettings(Settings):
 
     # bilevel weighting rule
     warmup_steps: int = Field(150, ge=0, description="steps before the learned weights take full effect")
-    source_beta: float = Field(0.05, gt=0, le=1)
-    source_scale: float = Field(2.0, ge=0)
+    scale_beta: float = Field(0.05, gt=0, le=1, description="running average of the score's spread")
+    source_horizon: float = Field(
+        1000.0, gt=1, description="a source's score averages over about its last this-many scored samples"
+    )
+    source_prior_samples: float = Field(
+        100.0, gt=0, description="a source's score is shrunk toward 0 until it has about this many samples"
+    )
+    source_scale: float = Field(8.0, ge=0)
+    source_boost: float = Field(
+        0.0, ge=0, le=1, description="share of source_scale for sources above the typical sample"
+    )
     sample_scale: float = Field(1.0, ge=0)
     sample_prior_visits: float = Field(2.0, gt=0)
     max_logit: float = Field(4.0, gt=0)

@@ -7,19 +7,31 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
 
     u_i  = <grad loss_i, G_val> / (||grad loss_i|| ||G_val||)          cosine, in [-1, 1], scale-free
     c_i  = u_i - median_batch(u)                                        centred: removes the step's drift
-    sig2 <- (1 - b) sig2 + b mean_batch(c^2)                            running scale of c (b = source_beta)
+    sig2 <- (1 - b) sig2 + b mean_batch(c^2)                            running scale of c (b = scale_beta)
     m_i  = sum_visits c_i / v_i,   r_i = v_i / (v_i + v0)               the sample's mean score, its trust
-    S_s  <- (1 - a_s) S_s + a_s mean_{i in batch, s} c_i,  a_s = 1 - (1 - source_beta)^{n_s}
-    z_i  = ramp(step) clip((l_src S_s(i) + l_smp r_i (m_i - S_s(i))) / sig, -z_max, z_max)
+    per source s, each of its scored samples discounted by lam = 1 - 1/H once per later sample of s:
+    N_s  <- lam^{n_s} N_s + n_s                                         its evidence (n_s: its samples in
+    M_s  <- (lam^{n_s} N_s,old M_s + sum_{i in batch, s} c_i) / N_s     the batch), its mean score over
+    S_s  =  M_s N_s / (N_s + n0)                                        ~H samples, shrunk while N_s < n0
+    P_s  =  S_s if S_s < 0 else k S_s                                   sources below the batch's typical
+                                                                        sample penalised, above boosted by k
+    z_i  = ramp(step) (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
     w_i  = exp(z_i) / |group(i)|,  then scaled so live weights average 1
 
-The source term S (a slow running mean, DoReMi-like) carries most of the signal early; the per-sample
-deviation, shrunk toward the source by r_i, separates good and bad samples within a source as visits
-accumulate. Identical content (one group) shares one weight among its copies. ``ramp`` rises linearly
-over ``warmup_steps``; clipping the logit keeps every source and sample above exp(-z_max) of the others
-(nothing collapses to zero by noise) and below exp(z_max) (nothing takes everything).
-Knobs and defaults: trainer/settings.py (source_beta, source_scale=l_src, sample_scale=l_smp,
-sample_prior_visits=v0, max_logit=z_max, warmup_steps).
+The source term carries most of the signal early; the per-sample deviation, shrunk toward the source by
+r_i, separates good and bad samples within a source as visits accumulate. S_s averages over the last ~H of
+the source's samples: a per-sample cosine has a spread (sig) far above the differences between sources, so
+a short average random-walks the source weights (with H samples its noise is sig / sqrt(H)). Sources
+scoring below the batch's typical sample (half queued samples, half what the model trains on) are
+penalised; those above it are boosted by only k of that (k = 0 by default): the one-step look-ahead does
+not value diversity, and a source of a few items repeated as near-duplicates scores above the rest and
+would otherwise take most of the training. Identical content (one group) shares one weight among its
+copies. ``ramp`` rises linearly over ``warmup_steps``. Clipping the source and the sample parts separately
+keeps every sample within exp(+-2 z_max) of the others (nothing collapses to zero by noise, nothing takes
+everything) and lets the good samples of a heavily penalised source still rise above its bad ones.
+Knobs and defaults: trainer/settings.py (scale_beta=b, source_horizon=H, source_prior_samples=n0,
+source_scale=l_src, source_boost=k, sample_scale=l_smp, sample_prior_visits=v0, max_logit=z_max,
+warmup_steps).
 """
 
 from __future__ import annotations
@@ -42,12 +54,21 @@ class Bilevel(Weighting):
 
     def __init__(self, settings: TrainerSettings) -> None:
         super().__init__(settings)
-        self.source_mean = np.zeros(0, dtype=np.float64)  # S_s
+        self.source_count = np.zeros(0, dtype=np.float64)  # N_s
+        self.source_raw = np.zeros(0, dtype=np.float64)  # M_s
         self.sig2 = 0.0
 
+    @property
+    def source_mean(self) -> np.ndarray:
+        """S_s: each source's mean score, shrunk toward 0 while it has few samples."""
+        n = self.source_count
+        return self.source_raw * n / (n + self.settings.source_prior_samples)
+
     def _sources(self, n: int) -> None:
-        if len(self.source_mean) < n:
-            self.source_mean = np.concatenate([self.source_mean, np.zeros(n - len(self.source_mean))])
+        if len(self.source_count) < n:
+            pad = np.zeros(n - len(self.source_count))
+            self.source_count = np.concatenate([self.source_count, pad])
+            self.source_raw = np.concatenate([self.source_raw, pad])
 
     def observe(
         self,
@@ -58,22 +79,26 @@ class Bilevel(Weighting):
         g_norm: float,
         step: int,
     ) -> None:
+        s = self.settings
         u = dots / (norms * g_norm + EPS)  # (B,) cosine
         c = u - np.median(u)  # (B,) centred
-        b = self.settings.source_beta
+        b = s.scale_beta
         self.sig2 = float(np.mean(c**2)) if self.sig2 == 0 else (1 - b) * self.sig2 + b * float(np.mean(c**2))
         # the per-sample running mean: sum of c and visits (np.add.at: a row can repeat in a batch)
         np.add.at(table.cols["score_sum"], rows, c.astype(np.float32))
         v = table.cols["visits"]
         np.add.at(v, rows[v[rows] < np.iinfo(np.uint16).max], 1)
-        # the per-source running mean, one EMA update per sample of that source in the batch
+        # the per-source mean over its last ~H samples: N_s, M_s
         src = table.source[rows].astype(np.int64)
         self._sources(len(table.sources))
-        n_s = np.bincount(src, minlength=len(self.source_mean))
-        sum_s = np.bincount(src, weights=c, minlength=len(self.source_mean))
-        seen = n_s > 0
-        a = 1 - (1 - b) ** n_s[seen]
-        self.source_mean[seen] = (1 - a) * self.source_mean[seen] + a * sum_s[seen] / n_s[seen]
+        n_s = np.bincount(src, minlength=len(self.source_count)).astype(np.float64)
+        sum_s = np.bincount(src, weights=c, minlength=len(self.source_count))
+        keep = (1.0 - 1.0 / s.source_horizon) ** n_s  # lam^{n_s}, 1 for sources not in the batch
+        count = keep * self.source_count + n_s
+        self.source_raw = np.where(
+            count > 0, (keep * self.source_count * self.source_raw + sum_s) / np.maximum(count, EPS), 0.0
+        )
+        self.source_count = count
 
     def logits(self, table: WeightTable, step: int) -> np.ndarray:
         """z_i for every row (see the module docstring)."""
@@ -83,10 +108,13 @@ class Bilevel(Weighting):
         visits = table.visits.astype(np.float64)
         mean = np.divide(table.score_sum, np.maximum(visits, 1.0), dtype=np.float64)  # m_i
         trust = visits / (visits + s.sample_prior_visits)  # r_i
-        src_term = self.source_mean[table.source.astype(np.int64)]  # S_s(i)
-        z = (s.source_scale * src_term + s.sample_scale * trust * (mean - src_term)) / sig
+        src = table.source.astype(np.int64)
+        source = self.source_mean  # S_s
+        penalty = np.where(source < 0, source, s.source_boost * source)  # P_s
+        z_src = np.clip(s.source_scale * penalty / sig, -s.max_logit, s.max_logit)  # (n_sources,)
+        z_smp = np.clip(s.sample_scale * trust * (mean - source[src]) / sig, -s.max_logit, s.max_logit)
         ramp = min(1.0, step / s.warmup_steps) if s.warmup_steps else 1.0
-        return ramp * np.clip(z, -s.max_logit, s.max_logit)
+        return ramp * (z_src[src] + z_smp)
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
         if self.sig2 == 0:
@@ -97,11 +125,19 @@ class Bilevel(Weighting):
         """Old evidence fades: the task may have changed, so new scores must dominate quickly."""
         table.cols["score_sum"][: table.n] *= VALIDATION_CHANGE_DECAY
         table.cols["visits"][: table.n] = (table.visits * VALIDATION_CHANGE_DECAY).astype(np.uint16)
-        self.source_mean *= VALIDATION_CHANGE_DECAY
+        self.source_count *= VALIDATION_CHANGE_DECAY  # S_s shrinks toward 0 until new scores come in
 
     def state(self) -> dict[str, Any]:
-        return {"source_mean": self.source_mean.tolist(), "sig2": self.sig2}
+        return {
+            "source_count": self.source_count.tolist(),
+            "source_raw": self.source_raw.tolist(),
+            "sig2": self.sig2,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.source_mean = np.asarray(state.get("source_mean", []), dtype=np.float64)
+        self.source_count = np.asarray(state.get("source_count", []), dtype=np.float64)
+        self.source_raw = np.asarray(state.get("source_raw", []), dtype=np.float64)
+        n = max(len(self.source_count), len(self.source_raw))
+        self.source_count = np.pad(self.source_count, (0, n - len(self.source_count)))
+        self.source_raw = np.pad(self.source_raw, (0, n - len(self.source_raw)))
         self.sig2 = float(state.get("sig2", 0.0))

@@ -1,0 +1,344 @@
+"""One run of the quality benchmark (bench/quality.py): one scenario, one method, one seed, through the real
+pipeline, and the metrics read back over HTTP.
+
+A run starts its own redis-server, the API (uvicorn, one worker) and the trainer (``python -m trainer``)
+on a SQLite database in a scratch directory; posts the validation set and the method's training stream
+with the client; polls ``/v1/weights`` while the trainer runs to ``DATADIET_MAX_STEPS``; then reads the
+checkpoints' metrics, pulls the final checkpoint for the held-out test set and fetches every posted
+sample's weight. Drift runs PUT ``validation_v2`` and post the rest of the stream once the trainer has
+passed ``switch_step``.
+
+Methods that are not weighting rules are realised by what is posted, trained uniformly:
+``random`` (a random subset of the stream, as large as bilevel's effective fraction of it), ``val-only``
+(the validation set as the training stream) and ``oracle`` (the stream without corrupted samples and
+without the flood source).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.client import Client
+from app.demo.scenarios import Scenario, build_scenario
+from app.demo.tasks import exact_match
+from app.schema import content_group
+from tests.conftest import datadiet_env, free_port, start_redis_server, stop_process_group, wait_until_ready
+from trainer import load_checkpoint
+
+TRAINER_METHOD = {"random": "uniform", "val-only": "uniform", "oracle": "uniform"}
+# Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
+EXTRA_SETTINGS = {"l2rw": {"val_grad_every": "1", "val_grad_beta": "0"}}
+POLL_S = 0.5
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    scenario: str
+    method: str
+    seed: int
+    steps: int
+    checkpoint_every: int
+    n_stream: int
+    switch_step: int | None = None  # drift: the trainer step after which validation_v2 is PUT
+    keep_fraction: float | None = None  # random: the share of the stream posted
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    test_acc: float = math.nan
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) per checkpoint
+    effective_fraction: float = math.nan
+    auc_sample: float = math.nan
+    auc_content: float = math.nan
+    spearman: float = math.nan
+    sources: dict[str, float] = field(default_factory=dict)  # final published source weights
+    source_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    switched_at: int | None = None  # drift: the last checkpoint step on the old validation set
+    pre_switch_loss: float = math.nan  # drift: the old task's validation loss at that checkpoint
+    curve_v2: list[tuple[int, float]] = field(default_factory=list)  # drift: new task's validation loss
+    recovery_steps: float = math.nan  # drift: see recovery()
+    n_posted: int = 0
+    wall_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds from the run's start to each phase
+    error: str | None = None
+    weights: np.ndarray | None = None  # per posted sample, for the histograms (not saved)
+    positive: np.ndarray | None = None  # per posted sample: clean (or, for drift, of the new task)
+
+    def summary(self) -> dict[str, Any]:
+        skip = {"weights", "positive", "spec"}
+        out = {k: v for k, v in self.__dict__.items() if k not in skip}
+        return {**self.spec.__dict__, **out}
+
+
+def training_stream(scn: Scenario, spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(samples posted at the start, samples posted at the drift switch) for the run's method."""
+    if spec.method == "val-only":
+        first = [_as_training(s) for s in scn.validation]
+        return first, [_as_training(s) for s in scn.validation_v2]
+    stream = list(scn.stream(spec.n_stream, spec.seed))
+    if spec.method == "oracle":
+        stream = [s for s in stream if not s["meta"]["corrupted"] and s["meta"]["kind"] != "flood"]
+    elif spec.method == "random":
+        assert spec.keep_fraction is not None
+        rng = np.random.default_rng([spec.seed, 7])
+        k = max(1, round(spec.keep_fraction * len(stream)))
+        stream = [stream[i] for i in np.sort(rng.choice(len(stream), size=k, replace=False))]
+    if scn.switch_at is None:
+        return stream, []
+    cut = sum(1 for s in stream if s["meta"]["task"] == scn.task.name)  # the stream switches task once
+    return stream[:cut], stream[cut:]
+
+
+def _as_training(sample: dict[str, Any]) -> dict[str, Any]:
+    return {**sample, "id": f"train:{sample['id']}"}
+
+
+def snapshot_code(dest: Path) -> str:
+    """Copy the service's packages (app, store, trainer) to ``dest``, so colleagues' edits during a long
+    benchmark do not reach its processes; returns a short hash of the copied trainer package."""
+    h = hashlib.sha256()
+    for pkg in ("app", "store", "trainer"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in sorted((dest / "trainer").rglob("*.py")):
+        h.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def run(spec: RunSpec, workdir: Path, code: Path | None = None) -> RunResult:
+    """Run ``spec`` in ``workdir/<scenario>-<method>-<seed>`` (removed afterwards), its API and trainer
+    importing the packages under ``code`` (a snapshot_code copy; None: this checkout); never raises."""
+    result = RunResult(spec)
+    run_dir = workdir / f"{spec.scenario}-{spec.method}-{spec.seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = None
+    try:
+        redis = start_redis_server(run_dir / "redis")
+        _run(spec, run_dir, redis.url, code, procs, result)
+    except Exception as e:  # a failed run is reported in the table, the benchmark goes on
+        logs = "".join(_tail(run_dir / name) for name in ("trainer.log", "api.log"))
+        result.error = f"{type(e).__name__}: {e}\n{logs}"
+    finally:
+        for proc in procs:
+            stop_process_group(proc)
+        if redis is not None:
+            redis.stop()
+        result.wall_s = time.monotonic() - t0
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    return f"--- {path.name}:\n{path.read_text(errors='replace')[-n:]}\n" if path.exists() else ""
+
+
+def _spawn(args: list[str], run_dir: Path, log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with (run_dir / log).open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def _run(
+    spec: RunSpec,
+    run_dir: Path,
+    redis_url: str,
+    code: Path | None,
+    procs: list[subprocess.Popen[bytes]],
+    result: RunResult,
+) -> None:
+    scn = build_scenario(spec.scenario, spec.seed)
+    env = datadiet_env(
+        redis_url=redis_url,
+        data_dir=str(run_dir / "data"),
+        database_url=f"sqlite:///{run_dir / 'meta.db'}",
+        model=scn.model,
+        model_config=json.dumps(scn.model_config),
+        reweight=TRAINER_METHOD.get(spec.method, spec.method),
+        max_steps=str(spec.steps),
+        checkpoint_every=str(spec.checkpoint_every),
+        seed=str(spec.seed),
+        torch_threads="1",
+        **EXTRA_SETTINGS.get(spec.method, {}),
+    )
+    if code is not None:  # the snapshot comes before the editable install's finder on the import path
+        env["PYTHONPATH"] = str(code)
+    t0 = time.monotonic()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    uvicorn = [
+        "-m",
+        "uvicorn",
+        "--factory",
+        "app.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    procs.append(_spawn([*uvicorn, "--log-level", "warning"], run_dir, "api.log", env))
+    wait_until_ready(url, procs[0], run_dir / "api.log", timeout=120)
+    result.phases["api_ready"] = time.monotonic() - t0
+    first, rest = training_stream(scn, spec)
+    with Client(url, timeout=60) as client:
+        client.set_validation(scn.validation)
+        trainer = _spawn(["-m", "trainer"], run_dir, "trainer.log", env)
+        procs.append(trainer)
+        client.post_samples(first, batch_size=2000)  # while the trainer imports torch
+        result.phases["posted"] = time.monotonic() - t0
+        switched = not rest
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while trainer.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the trainer did not finish {spec.steps} steps in {RUN_TIMEOUT_S:.0f}s")
+            doc = client.weights()
+            if doc.get("updated_at") and doc["sources"]:
+                if not result.source_history or result.source_history[-1][0] != doc["step"]:
+                    result.source_history.append((int(doc["step"]), dict(doc["sources"])))
+                if not switched and spec.switch_step is not None and doc["step"] >= spec.switch_step:
+                    client.set_validation(scn.validation_v2)  # the task changes ...
+                    client.post_samples(rest, batch_size=2000)  # ... and so does the stream
+                    switched = True
+            time.sleep(POLL_S)
+        if trainer.returncode != 0:
+            raise RuntimeError(f"the trainer exited with {trainer.returncode}")
+        if not switched:
+            raise RuntimeError("the trainer finished before the drift switch")
+        result.phases["trained"] = time.monotonic() - t0
+        _measure(client, scn, spec, first + rest, run_dir, result)
+        result.phases["measured"] = time.monotonic() - t0
+
+
+def _measure(
+    client: Client,
+    scn: Scenario,
+    spec: RunSpec,
+    posted: list[dict[str, Any]],
+    run_dir: Path,
+    result: RunResult,
+) -> None:
+    checkpoints = sorted(client.checkpoints(), key=lambda c: c["step"])
+    result.curve = [
+        (c["step"], c["metrics"]["val_loss"]) for c in checkpoints if c["metrics"].get("val_loss")
+    ]
+    final = checkpoints[-1]
+    assert final["step"] == spec.steps, final
+    path = client.pull_checkpoint(run_dir / "final.safetensors", version=final["version"])
+    model = load_checkpoint(path, sha256=final["sha256"])
+    test = scn.test_v2 if scn.switch_at is not None else scn.test
+    result.test_acc = exact_match(model.predict([s["input"] for s in test]), test)
+
+    doc = client.weights()
+    result.effective_fraction = float(doc["summary"]["effective_fraction"])
+    result.sources = dict(doc["sources"])
+    result.n_posted = len(posted)
+    got = client.sample_weights([s["id"] for s in posted])
+    kept = [s for s in posted if s["id"] in got]
+    w = np.array([got[s["id"]] for s in kept], dtype=np.float64)
+    if scn.switch_at is not None:  # drift: a good weighting follows the new task
+        positive = np.array([s["meta"]["task"] == scn.task_v2.name for s in kept])  # type: ignore[union-attr]
+    else:
+        positive = np.array([not s["meta"]["corrupted"] for s in kept])
+    result.weights, result.positive = w, positive
+    if np.ptp(w) > 1e-6:  # else the rule keeps no per-sample weights: nothing to rank
+        result.auc_sample = roc_auc(positive, w)
+        result.auc_content = content_auc(kept, w, positive)
+        result.spearman = source_spearman(kept, w, scn.true_quality)
+    if scn.switch_at is not None:
+        _drift(client, scn, checkpoints, run_dir, result)
+
+
+def _drift(
+    client: Client, scn: Scenario, checkpoints: list[dict[str, Any]], run_dir: Path, result: RunResult
+) -> None:
+    """Every checkpoint's loss on the new validation set; the switch; the steps to recover."""
+    old = [
+        c
+        for c in checkpoints
+        if c["metrics"].get("validation_version") == checkpoints[0]["metrics"].get("validation_version")
+    ]
+    result.switched_at = old[-1]["step"]
+    result.pre_switch_loss = float(old[-1]["metrics"]["val_loss"])
+    for c in checkpoints:
+        if c["step"] < result.switched_at:
+            continue
+        path = client.pull_checkpoint(run_dir / "ckpt.safetensors", version=c["version"])
+        loss = float(np.mean(load_checkpoint(path, sha256=c["sha256"]).loss(scn.validation_v2)))
+        result.curve_v2.append((c["step"], loss))
+    result.recovery_steps = recovery(result.curve_v2, result.switched_at, result.pre_switch_loss)
+
+
+RECOVERY_TOLERANCE = 1.10
+
+
+def recovery(curve_v2: list[tuple[int, float]], switch_step: int, pre_switch_loss: float) -> float:
+    """Steps from the last checkpoint on the old validation set until the new task's validation loss is
+    back within 10% of the old task's validation loss at that checkpoint (L_v2 <= 1.1 L_v1(pre-switch));
+    inf when it never is within the run."""
+    for step, loss in curve_v2:
+        if step > switch_step and loss <= RECOVERY_TOLERANCE * pre_switch_loss:
+            return float(step - switch_step)
+    return math.inf
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties half; nan without both classes or
+    when every score is the same (a rule with no per-sample weights)."""
+    if positive.all() or not positive.any() or np.ptp(scores) <= 1e-9 * max(1.0, float(np.abs(scores).max())):
+        return math.nan
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def content_auc(samples: list[dict[str, Any]], w: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC over distinct content: copies (the service's content group: same input up to case and
+    whitespace, or vectors equal after quantisation, and the same target) count once, with the sum of
+    their weights, which is the share of training the content gets."""
+    groups: dict[str, int] = {}
+    for s in samples:
+        groups.setdefault(content_group(s["input"], s["target"]), len(groups))
+    idx = np.array([groups[content_group(s["input"], s["target"])] for s in samples])
+    mass = np.bincount(idx, weights=w, minlength=len(groups))
+    label = np.zeros(len(groups), dtype=bool)
+    label[idx] = positive  # copies share the label: the target is part of the content
+    return roc_auc(label, mass)
+
+
+def source_spearman(samples: list[dict[str, Any]], w: np.ndarray, quality: dict[str, float]) -> float:
+    """Spearman's rho between each source's weight per distinct content item (its weight mass over its
+    number of content groups: a flood of copies is one item per problem) and its true quality; nan when
+    either is constant."""
+    mass: dict[str, float] = defaultdict(float)
+    items: dict[str, set[str]] = defaultdict(set)
+    for s, wi in zip(samples, w, strict=True):
+        mass[s["source"]] += float(wi)
+        items[s["source"]].add(content_group(s["input"], s["target"]))
+    names = [n for n in quality if n in mass]
+    per_item = [mass[n] / len(items[n]) for n in names]
+    q = [quality[n] for n in names]
+    if len(names) < 3 or np.ptp(q) == 0 or np.ptp(per_item) <= 1e-9:
+        return math.nan
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(per_item, q).statistic)
