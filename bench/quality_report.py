@@ -176,7 +176,9 @@ def write_report(meta: dict[str, Any], results: list[RunResult], out: Path, name
         print(f"plots skipped: {e} (pip install -e '.[bench]')", file=sys.stderr)
     else:
         plot_all(results, out, name)
-    plots = sorted(out.glob(f"{name}-*.png"))
+    scenarios = dict.fromkeys(r.spec.scenario for r in results)
+    kinds = ("val-loss", "weights", "sources")
+    plots = [p for s in scenarios for k in kinds if (p := out / f"{name}-{s}-{k}.png").exists()]
     failures = [
         f"- {r.spec.scenario}/{r.spec.method}/seed {r.spec.seed}: {r.error}" for r in results if r.error
     ]
@@ -241,8 +243,8 @@ start (trainer/ hash {meta["code"]}). {meta["date"]}. `{meta["command"]}`.
 {chr(10).join(f"- `{p.name}`" for p in plots) or "- (none: matplotlib is not installed)"}
 {chr(10) + "## Failed runs" + chr(10) + chr(10).join(failures) if failures else ""}"""
     (out / f"{name}.md").write_text(text)
-    with (out / f"{name}.json").open("w") as f:
-        json.dump(_plain({"meta": meta, "runs": [r.summary() for r in results]}), f, indent=1)
+    runs = ",\n".join(json.dumps(_plain(r.summary()), separators=(",", ":")) for r in results)
+    (out / f"{name}.json").write_text(f'{{"meta": {json.dumps(_plain(meta))},\n"runs": [\n{runs}\n]}}\n')
 
 
 def _drift_section(results: list[RunResult], drift: list[int]) -> str:
@@ -287,7 +289,8 @@ def _number(v: Any) -> float:
 
 
 def _plain(x: object) -> object:
-    """JSON-able: nan as null, inf as "inf", numpy scalars as Python ones, tuples as lists."""
+    """JSON-able: nan as null, inf as "inf", floats to 6 significant digits, numpy scalars as Python ones,
+    tuples as lists."""
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -298,4 +301,6 @@ def _plain(x: object) -> object:
         return None
     if isinstance(x, float) and math.isinf(x):
         return "inf" if x > 0 else "-inf"
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
     return x
