@@ -118,9 +118,6 @@ class TrainerFeed:
         version, payloads = pipe.execute()
         return int(version or 0), [orjson.loads(p) for p in payloads]
 
-    def counters(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(self.k.counters).items()}
-
     def live_ordinals(self, ordinals: Sequence[int], chunk: int = 10_000) -> list[bool]:
         """Whether each ordinal is still in the buffer (its rank exists iff it was not evicted)."""
         out: list[bool] = []

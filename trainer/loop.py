@@ -9,6 +9,7 @@ the same backward yields every sample's hypergradient score against the running 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -246,7 +247,7 @@ class Trainer:
         self.model.train()
         for group in self.opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = s.lr * min(1.0, (self.step + 1) / max(s.warmup_lr_steps, 1))
-        with self.scorer.capture() if scoring else _nullcontext():
+        with self.scorer.capture() if scoring else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 losses = self.model.per_sample_loss(batch)  # (B,)
             loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
@@ -413,14 +414,6 @@ class Trainer:
 
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:
