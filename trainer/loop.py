@@ -33,7 +33,7 @@ from trainer.models.base import to_device
 from trainer.publish import Publisher
 from trainer.settings import TrainerSettings
 from trainer.state import TrainerState, load_state
-from trainer.table import WeightTable
+from trainer.table import RowQueue, WeightTable
 from trainer.weighting import make_weighting
 
 log = logging.getLogger("datadiet.trainer")
@@ -95,6 +95,7 @@ class Trainer:
         self.unacked: list[str] = []
         self.val_version = -1
         self.val_samples: list[dict[str, Any]] = []
+        self.checked_ordinal = -1  # the newest sample's ordinal when the validation set was last checked
         self.g_val: list[torch.Tensor] | None = None
         self.scorings = 0
         self.val_loss = math.nan
@@ -178,12 +179,20 @@ class Trainer:
 
     def refresh_validation(self) -> None:
         version = self.feed.validation_version()
+        newest = int(self.table.ordinal[: self.table.n].max(initial=-1))
         if version == self.val_version:
+            self.checked_ordinal = newest
             return
         self.val_version, self.val_samples = self.feed.validation()
         self.g_val = None
         if self.step > 0:
+            # the task may have changed: the backlog queued before it did is no longer the most useful
+            # to score first (those samples stay in the table and are drawn by weight); samples that
+            # arrived since the last check (ordinals only grow) and from now on are queued as usual
+            queued = self.table.fresh.array()
+            self.table.fresh = RowQueue(queued[self.table.ordinal[queued] > self.checked_ordinal])
             self.weighting.on_validation_change(self.table)
+        self.checked_ordinal = newest
         log.info("validation set v%d: %d samples", self.val_version, len(self.val_samples))
 
     # ------------------------------------------------------------------ one step

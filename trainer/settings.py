@@ -46,12 +46,16 @@ class TrainerSettings(Settings):
     source_prior_samples: float = Field(
         100.0, gt=0, description="a source's score is shrunk toward 0 until it has about this many samples"
     )
-    source_scale: float = Field(8.0, ge=0)
+    source_scale: float = Field(
+        24.0, ge=0, description="logit per unit of a source's mean score, in units of the per-sample spread"
+    )
     source_boost: float = Field(
         0.0, ge=0, le=1, description="share of source_scale for sources above the typical sample"
     )
     sample_scale: float = Field(1.0, ge=0)
-    sample_prior_visits: float = Field(2.0, gt=0)
+    sample_prior_visits: float = Field(
+        2.0, gt=0, description="the least prior weight (in visits) on a sample's own mean score"
+    )
     max_logit: float = Field(4.0, gt=0)
 
     # I/O

@@ -14,6 +14,7 @@ from tests.trainer.conftest import MLP, blobs
 from trainer.hypergrad import reference_scores, val_grad
 from trainer.loop import Trainer
 from trainer.models import build_model
+from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting import METHODS
@@ -148,7 +149,8 @@ def test_rholoss_skips_wrong_labels_that_the_trusted_model_disagrees_with(
     rows = np.arange(trainer.table.n)
     payloads = trainer.cache.get(trainer.table.ordinal[rows])
     with torch.no_grad():
-        losses = trainer.model.per_sample_loss(trainer.model.collate(payloads)).double().numpy()
+        batch = to_device(trainer.model.collate(payloads), trainer.device)
+        losses = trainer.model.per_sample_loss(batch).double().cpu().numpy()
     w = trainer.weighting.batch_coef(trainer.table, rows, np.full(64, 1 / 64), losses, None, None)
     assert isinstance(trainer.weighting, RhoLoss) and w is not None
     chosen = [payloads[i] for i in np.flatnonzero(w > 1e-3)]

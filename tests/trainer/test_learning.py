@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests.trainer.conftest import MLP, blobs, roc_auc
 from trainer.loop import Trainer
+from trainer.models.base import to_device
 
 STEPS = 400
 CLEAN = blobs(1500, 1, source="clean", noisy=False, prefix="c")
@@ -42,7 +43,8 @@ def post_stream(
 def held_out_loss(trainer: Trainer) -> float:
     trainer.model.eval()
     with torch.no_grad():
-        return float(trainer.model.per_sample_loss(trainer.model.collate(HELD_OUT)).mean())
+        batch = to_device(trainer.model.collate(HELD_OUT), trainer.device)
+        return float(trainer.model.per_sample_loss(batch).mean())
 
 
 def test_noisy_source_weight_drops_below_half_the_clean_source(

@@ -78,16 +78,22 @@ def normalise(raw: np.ndarray, alive: np.ndarray) -> np.ndarray:
 
 
 def shared_weights(table: WeightTable, z: np.ndarray) -> np.ndarray:
-    """exp(logit) per row, with identical content sharing one weight instead of multiplying it.
+    """exp(logit) per row, with one source's copies of identical content sharing one weight.
 
-    For a content group g with live copies C_g:  w_i = exp(mean_{j in C_g} z_j) / |C_g|  for i in C_g,
-    so all copies weigh the same and together weigh what one sample with that logit would. Dead rows 0.
+    For the live copies C_g that one source posted of content group g:
+    w_i = exp(mean_{j in C_g} z_j) / |C_g|  for i in C_g, so the copies weigh the same and together weigh
+    what one sample with that logit would: a source cannot multiply its own content's weight by repeating
+    it. The same content from different sources is not shared: independent agents agreeing on an answer
+    is evidence for it (sharing across sources would give a correct answer that three agents gave the
+    weight of a wrong one that one agent gave). Dead rows 0.
     """
     alive = table.alive
     raw = np.zeros(table.n, dtype=np.float64)
     if not alive.any():
         return raw
-    _, inverse, counts = np.unique(table.group[alive], return_inverse=True, return_counts=True)
+    # (source, group) as one uint64 key: the source index mixed in by an odd multiplier, wrapping
+    key = table.group[alive] ^ (table.source[alive].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     z_group = np.bincount(inverse, weights=z[alive], minlength=len(counts)) / counts
     raw[alive] = np.exp(z_group[inverse]) / counts[inverse]
     return raw

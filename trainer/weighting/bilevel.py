@@ -9,6 +9,11 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
     c_i  = u_i - median_batch(u)                                        centred: removes the step's drift
     sig2 <- (1 - b) sig2 + b mean_batch(c^2)                            running scale of c (b = scale_beta)
     m_i  = sum_visits c_i / v_i,   r_i = v_i / (v_i + v0)               the sample's mean score, its trust
+    tau2 <- running mean of (c_i - m_i,before)^2 v_i / (v_i + 1)        one visit's noise around the
+                                                                        sample's own mean, from revisits
+    v0   =  max(v0_min, tau2 / (sig2 - tau2))                           visits worth the prior (empirical
+                                                                        Bayes); no sample term until ~200
+                                                                        revisits have measured tau2
     per source s, each of its scored samples discounted by lam = 1 - 1/H once per later sample of s:
     N_s  <- lam^{n_s} N_s + n_s                                         its evidence (n_s: its samples in
     M_s  <- (lam^{n_s} N_s,old M_s + sum_{i in batch, s} c_i) / N_s     the batch), its mean score over
@@ -16,7 +21,7 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
     P_s  =  S_s if S_s < 0 else k S_s                                   sources below the batch's typical
                                                                         sample penalised, above boosted by k
     z_i  = ramp(step) (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
-    w_i  = exp(z_i) / |group(i)|,  then scaled so live weights average 1
+    w_i  = exp(z_i) / |copies of i's content from i's source|,  then scaled so live weights average 1
 
 The source term carries most of the signal early; the per-sample deviation, shrunk toward the source by
 r_i, separates good and bad samples within a source as visits accumulate. S_s averages over the last ~H of
@@ -25,12 +30,18 @@ a short average random-walks the source weights (with H samples its noise is sig
 scoring below the batch's typical sample (half queued samples, half what the model trains on) are
 penalised; those above it are boosted by only k of that (k = 0 by default): the one-step look-ahead does
 not value diversity, and a source of a few items repeated as near-duplicates scores above the rest and
-would otherwise take most of the training. Identical content (one group) shares one weight among its
-copies. ``ramp`` rises linearly over ``warmup_steps``. Clipping the source and the sample parts separately
-keeps every sample within exp(+-2 z_max) of the others (nothing collapses to zero by noise, nothing takes
-everything) and lets the good samples of a heavily penalised source still rise above its bad ones.
+would otherwise take most of the training. One source's copies of identical content share one weight;
+the same content from different sources does not (independent agreement is evidence, not redundancy).
+The per-sample term is trusted only as far as the scores are reliable: v0 compares a visit's noise (how
+far a revisit lands from the sample's mean so far) with the spread between samples. On the digits
+stream a visit is worth about half the prior (v0 ~ 2-5); on the arithmetic text streams one visit's
+noise is ~50x the between-sample spread (v0 ~ 50), so there the weights come from the sources and stay
+near uniform within a source instead of following noise. ``ramp`` rises linearly over
+``warmup_steps``. Clipping the source and the sample parts separately keeps every sample within
+exp(+-2 z_max) of the others (nothing collapses to zero by noise, nothing takes everything) and lets
+the good samples of a heavily penalised source still rise above its bad ones.
 Knobs and defaults: trainer/settings.py (scale_beta=b, source_horizon=H, source_prior_samples=n0,
-source_scale=l_src, source_boost=k, sample_scale=l_smp, sample_prior_visits=v0, max_logit=z_max,
+source_scale=l_src, source_boost=k, sample_scale=l_smp, sample_prior_visits=v0_min, max_logit=z_max,
 warmup_steps).
 """
 
@@ -45,6 +56,8 @@ from trainer.table import WeightTable
 from trainer.weighting.base import Weighting, normalise, shared_weights
 
 EPS = 1e-12
+MIN_NOISE_OBS = 200  # revisits before the per-sample score's reliability counts as measured
+UNKNOWN_PRIOR_VISITS = 1e6  # until then: no per-sample term, sources only
 VALIDATION_CHANGE_DECAY = 0.25
 
 
@@ -57,6 +70,17 @@ class Bilevel(Weighting):
         self.source_count = np.zeros(0, dtype=np.float64)  # N_s
         self.source_raw = np.zeros(0, dtype=np.float64)  # M_s
         self.sig2 = 0.0
+        self.noise2 = 0.0  # the variance of one visit's score around the sample's own mean
+        self.noise_obs = 0.0  # how many revisits noise2 has seen
+        self.noise_batches = 0
+
+    @property
+    def prior_visits(self) -> float:
+        """v0: visits whose evidence equals the prior's, noise2 / (sig2 - noise2) once estimated."""
+        if self.noise_obs < MIN_NOISE_OBS:
+            return UNKNOWN_PRIOR_VISITS
+        between = max(self.sig2 - self.noise2, 0.02 * self.sig2)
+        return max(self.settings.sample_prior_visits, self.noise2 / between)
 
     @property
     def source_mean(self) -> np.ndarray:
@@ -84,6 +108,17 @@ class Bilevel(Weighting):
         c = u - np.median(u)  # (B,) centred
         b = s.scale_beta
         self.sig2 = float(np.mean(c**2)) if self.sig2 == 0 else (1 - b) * self.sig2 + b * float(np.mean(c**2))
+        # a revisit's deviation from the sample's mean so far: Var(c - m_prev) = noise2 (1 + 1/v)
+        v_prev = table.visits[rows].astype(np.float64)
+        again = v_prev > 0
+        if again.any():
+            m_prev = table.score_sum[rows[again]] / v_prev[again]
+            d2 = float(np.mean((c[again] - m_prev) ** 2 * v_prev[again] / (v_prev[again] + 1)))
+            # a plain mean over the first 1/b batches with revisits, then the same running mean as sig2
+            k = min(1.0, max(b, 1.0 / (self.noise_batches + 1)))
+            self.noise2 = (1 - k) * self.noise2 + k * d2
+            self.noise_batches += 1
+            self.noise_obs += int(again.sum())
         # the per-sample running mean: sum of c and visits (np.add.at: a row can repeat in a batch)
         np.add.at(table.cols["score_sum"], rows, c.astype(np.float32))
         v = table.cols["visits"]
@@ -107,7 +142,7 @@ class Bilevel(Weighting):
         sig = np.sqrt(self.sig2) + EPS
         visits = table.visits.astype(np.float64)
         mean = np.divide(table.score_sum, np.maximum(visits, 1.0), dtype=np.float64)  # m_i
-        trust = visits / (visits + s.sample_prior_visits)  # r_i
+        trust = visits / (visits + self.prior_visits)  # r_i
         src = table.source.astype(np.int64)
         source = self.source_mean  # S_s
         penalty = np.where(source < 0, source, s.source_boost * source)  # P_s
@@ -132,6 +167,9 @@ class Bilevel(Weighting):
             "source_count": self.source_count.tolist(),
             "source_raw": self.source_raw.tolist(),
             "sig2": self.sig2,
+            "noise2": self.noise2,
+            "noise_obs": self.noise_obs,
+            "noise_batches": self.noise_batches,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -141,3 +179,6 @@ class Bilevel(Weighting):
         self.source_count = np.pad(self.source_count, (0, n - len(self.source_count)))
         self.source_raw = np.pad(self.source_raw, (0, n - len(self.source_raw)))
         self.sig2 = float(state.get("sig2", 0.0))
+        self.noise2 = float(state.get("noise2", 0.0))
+        self.noise_obs = float(state.get("noise_obs", 0.0))
+        self.noise_batches = int(state.get("noise_batches", 0))

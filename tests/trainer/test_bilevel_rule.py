@@ -1,0 +1,86 @@
+"""The bilevel rule's bookkeeping, pinned on hand-made scores: copy sharing, score reliability, drift."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from tests.trainer.conftest import MLP, blobs
+from trainer.loop import Trainer
+from trainer.settings import TrainerSettings
+from trainer.table import WeightTable
+from trainer.weighting.base import shared_weights
+from trainer.weighting.bilevel import UNKNOWN_PRIOR_VISITS, Bilevel
+
+
+def bilevel(**overrides: Any) -> Bilevel:
+    values: dict[str, Any] = {"model": "mlp", "model_params": MLP, **overrides}
+    return Bilevel(TrainerSettings(_env_file=None, **values))  # type: ignore[call-arg]
+
+
+def test_one_sources_copies_share_a_weight_but_other_sources_copies_do_not() -> None:
+    t = WeightTable()
+    # rows 0-3: one content posted 3x by "spam" and once by "other"; row 4: other content by "other"
+    sources = ["spam", "spam", "spam", "other", "other"]
+    t.add(np.arange(5), np.array([7, 7, 7, 7, 9], dtype=np.uint64), sources)
+    w = shared_weights(t, np.zeros(5))
+    assert np.allclose(w[:3], 1 / 3)  # three copies from one source weigh what one sample does
+    assert w[3] == 1.0 and w[4] == 1.0  # the same content from another source keeps its own weight
+
+
+def feed(rule: Bilevel, t: WeightTable, true: np.ndarray, noise: float, rounds: int, seed: int) -> None:
+    """``rounds`` passes over every row in batches of 64, each visit scoring true_i + N(0, noise^2)."""
+    rng = np.random.default_rng(seed)
+    for step in range(rounds):
+        for start in range(0, t.n, 64):
+            rows = np.arange(start, min(start + 64, t.n))
+            dots = true[rows] + rng.normal(0, noise, size=len(rows))
+            rule.observe(t, rows, dots, np.ones(len(rows)), 1.0, step)
+
+
+def test_per_sample_term_is_off_until_revisits_measure_the_scores_reliability() -> None:
+    rule, t = bilevel(), WeightTable()
+    t.add(np.arange(640), np.arange(640, dtype=np.uint64), ["s"] * 640)
+    feed(rule, t, np.zeros(640), 0.1, rounds=1, seed=0)  # first visits only
+    assert rule.prior_visits == UNKNOWN_PRIOR_VISITS
+
+
+def test_consistent_scores_are_trusted_and_pure_noise_is_not() -> None:
+    true = np.where(np.arange(640) % 2 == 0, 0.2, -0.2)  # two kinds of samples, far apart
+    steady, noisy = bilevel(), bilevel()
+    t1, t2 = WeightTable(), WeightTable()
+    for t in (t1, t2):
+        t.add(np.arange(640), np.arange(640, dtype=np.uint64), ["s"] * 640)
+    feed(steady, t1, true, 0.05, rounds=4, seed=1)  # visit noise far below the spread between samples
+    feed(noisy, t2, np.zeros(640), 0.2, rounds=4, seed=2)  # no difference between samples at all
+    assert steady.prior_visits < 2.5  # at its floor (sample_prior_visits): the scores are reliable
+    assert noisy.prior_visits > 20  # the sample term is shrunk to almost nothing
+    z_steady = steady.logits(t1, step=10_000)
+    z_noisy = noisy.logits(t2, step=10_000)
+    assert np.all(z_steady[true > 0] > z_steady[true < 0].max())
+    assert np.ptp(z_noisy) < 0.3 * np.ptp(z_steady)
+
+
+def test_a_new_validation_set_drops_the_queue_of_samples_that_arrived_before_it(
+    make_settings: Callable[..., Any],
+    make_client: Callable[..., TestClient],
+    make_trainer: Callable[..., Trainer],
+) -> None:
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    old = blobs(2000, 21, source="a", noisy=False, prefix="old")
+    assert api.post("/v1/samples", json={"samples": old}).status_code == 202
+    assert api.put("/v1/validation", json={"samples": old[:64]}).status_code == 200
+    trainer = make_trainer(max_steps=5)
+    trainer.run()
+    assert len(trainer.table.fresh) > 1000  # the backlog: most of the 2,000 are not scored yet
+    assert api.put("/v1/validation", json={"samples": old[64:128]}).status_code == 200
+    new = blobs(100, 22, source="a", noisy=False, prefix="new")
+    assert api.post("/v1/samples", json={"samples": new}).status_code == 202
+    trainer.poll()
+    trainer.refresh_validation()
+    queued = trainer.table.ordinal[trainer.table.fresh.array()]
+    assert len(queued) == 100  # only what arrived with the new task is queued to be scored first
+    assert set(queued.tolist()).isdisjoint(trainer.table.ordinal[:2000].tolist())
