@@ -124,10 +124,14 @@ class WeightTable:
         c = self.cols
         c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
         c["score_sum"][rows], c["visits"][rows], c["alive"][rows], c["weight"][rows] = 0, 0, True, 1.0
+        # a new row's sampling mass is the average live row's (weight 1 is the average weight): a fixed
+        # mass of 1 against normalised probabilities summing to 1 would hand nearly every draw until the
+        # next reweight to whatever arrived last
+        mass = self.tree.total / self._live if self._live and self.tree.total > 0 else 1.0
         self.n += len(rows)
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
-        self.tree.update(rows, np.ones(len(rows)))
+        self.tree.update(rows, np.full(len(rows), mass))
         self.fresh.extend(rows)
         return rows
 
