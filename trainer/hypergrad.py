@@ -10,16 +10,19 @@ sample i (T = 1 for a vector model), the per-sample gradients are
 
     grad W_i = sum_t g_it a_it^T  (d_out, d_in),      grad b_i = sum_t g_it  (d_out,)
 
-so, with G_W (d_out, d_in) and G_b (d_out,) the validation gradient,
+so, with G_W (d_out, d_in) and G_b (d_out,) the validation gradient and the bias as a weight on a
+constant input 1,
 
-    <grad W_i, G_W>   = sum_t g_it . (G_W a_it)                        one batched matmul, like a forward
-    <grad b_i, G_b>   = (sum_t g_it) . G_b
-    ||grad W_i||^2    = sum_{t,s} (a_it . a_is)(g_it . g_is)           (B, T, T) Gram matrices
-    ||grad b_i||^2    = ||sum_t g_it||^2
+    <grad W_i, G_W> + <grad b_i, G_b> = sum_t g_it . (G_W a_it + G_b)             one F.linear, like a forward
+    ||grad W_i||^2 + ||grad b_i||^2   = sum_{t,s} (a_it . a_is + 1)(g_it . g_is)   (B, T, T) Gram matrices
 
 summed over the scored layers. The trainer backprops sum_i c_i loss_i (c_i = w_i / sum_j w_j > 0), so
 the hooks see c_i g_it: dots and norms are divided by c_i. Padding positions have g_it = 0 (their loss
 is masked and attention is causal), so whatever a_it holds there contributes nothing.
+
+On an accelerator everything runs on the padded (B, T) shapes: a fixed handful of kernels per layer and
+no host sync until the last check, when the work is queued. On the CPU, where a sync is free and FLOPs
+are not, each layer first drops the positions without gradient (``layer_scores(pack=...)``).
 
 Usage (one forward + backward for the inner step and the scores)::
 
@@ -38,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -118,7 +122,7 @@ class GhostScorer:
     def scores(self, coef: Tensor, g_val: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """(dots (B,), norms (B,)): <grad loss_i, g_val> and ||grad loss_i|| over the scored parameters,
         for the backward of sum_i coef_i loss_i recorded by capture(). ``g_val`` is ordered like
-        ``self.params``. Frees the recorded tensors."""
+        ``self.params``. Frees the recorded tensors. The results stay on the model's device."""
         if len(g_val) != len(self.params):
             raise ValueError(f"g_val has {len(g_val)} tensors, expected {len(self.params)} (see .params)")
         if not any(self._grads):
@@ -130,14 +134,16 @@ class GhostScorer:
         c = coef.detach().to(device=dot_sum.device, dtype=dot_sum.dtype).reshape(-1)  # (B,)
         if c.shape != dot_sum.shape:
             raise ValueError(f"coef has shape {tuple(coef.shape)}, batch has {dot_sum.shape[0]} samples")
+        # hooks saw c_i * g_i: <c_i grad_i, G> / c_i and ||c_i grad_i|| / c_i
+        dots, norms = dot_sum / c, sq_sum.clamp(min=0).sqrt() / c
+        # the one host sync, once everything is queued: the caller waits for the results anyway
         if not bool((c > 0).all()):
             raise ValueError("coef must be > 0 for every sample (give zero-weight samples a small floor)")
-        # hooks saw c_i * g_i: <c_i grad_i, G> / c_i and ||c_i grad_i|| / c_i
-        return dot_sum / c, sq_sum.clamp(min=0).sqrt() / c
+        return dots, norms
 
     def _accumulate(self, g_val: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        dot_sum: Tensor | None = None
-        sq_sum: Tensor | None = None
+        dots: list[Tensor] = []  # per layer (B,)
+        sqs: list[Tensor] = []
         p = 0
         for j, m in enumerate(self.modules):
             G_W = g_val[p]
@@ -154,11 +160,11 @@ class GhostScorer:
             a = pairs[0][0] if len(pairs) == 1 else torch.cat([x for x, _ in pairs], dim=1)  # (B, T, d_in)
             g = pairs[0][1] if len(pairs) == 1 else torch.cat([y for _, y in pairs], dim=1)  # (B, T, d_out)
             dot, sq = layer_scores(a, g, G_W, G_b)
-            dot_sum = dot if dot_sum is None else dot_sum + dot
-            sq_sum = sq if sq_sum is None else sq_sum + sq
-        if dot_sum is None or sq_sum is None:
+            dots.append(dot)
+            sqs.append(sq)
+        if not dots:
             raise RuntimeError("no scored layer received a gradient")
-        return dot_sum, sq_sum
+        return torch.stack(dots).sum(dim=0), torch.stack(sqs).sum(dim=0)  # (L, B) -> (B,)
 
     def flat_grads(self) -> list[Tensor]:
         """The scored parameters' current ``.grad`` (zeros where None), ordered like ``self.params``."""
@@ -170,44 +176,53 @@ def _as_btd(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None) -> tuple[Tensor, Tensor]:
+def layer_scores(
+    a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """One Linear's (dots (B,), squared norms (B,)) from inputs a (B, T, d_in), output-gradients
     g (B, T, d_out) and the validation gradient G_W (d_out, d_in), G_b (d_out,) or None; float32 or wider.
 
-    Positions with g_it = 0 add nothing to any term, so they are dropped first: padding, and in the layers
-    after the last attention every position that is not a target (often most of them)."""
+    ``pack`` (default: on the CPU) first drops positions with g_it = 0, which add nothing to any term:
+    padding, and in the layers after the last attention every position that is not a target (often most
+    of them). It syncs with the host; without it the shapes, and so the kernels, do not depend on the data.
+    Inside autocast too, the products run in float32 or wider."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _layer_scores(a, g, G_W, G_b, a.device.type == "cpu" if pack is None else pack)
+
+
+def _layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: bool) -> tuple[Tensor, Tensor]:
     dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
     a, g = a.to(dt), g.to(dt)
     G_W = G_W.to(device=a.device, dtype=dt)
+    G_b = None if G_b is None else G_b.to(device=a.device, dtype=dt)
     B, T = g.shape[:2]
-    g_sum = g.sum(dim=1)  # grad b_i = sum_t g_it: (B, d_out)
-    if T == 1:  # a vector model: grad W_i = g_i a_i^T, ||grad W_i||^2 = |a_i|^2 |g_i|^2
+    if T == 1:  # a vector model: grad W_i = g_i a_i^T, squared norm (|a_i|^2 + 1) |g_i|^2 with the bias
         a, g = a[:, 0], g[:, 0]  # (B, d_in), (B, d_out)
-        dot = ((a @ G_W.T) * g).sum(dim=1)  # (B,)
-        sq = a.square().sum(dim=1) * g.square().sum(dim=1)  # (B,)
-    else:
-        live = g.ne(0).any(dim=-1)  # (B, T) positions that carry gradient
+        aa = torch.linalg.vecdot(a, a)  # (B,)
+        if G_b is not None:
+            aa = aa + 1  # the bias's constant input
+        return torch.linalg.vecdot(F.linear(a, G_W, G_b), g), aa * torch.linalg.vecdot(g, g)
+
+    dot = None
+    if pack:
+        live = g.abs().amax(dim=-1).ne(0)  # (B, T) positions that carry gradient (NaN counts as live)
         n_live = live.sum(dim=1)  # (B,)
-        # <grad W_i, G_W> = sum_t g_it . (G_W a_it)
-        if int(n_live.sum()) < 0.9 * B * T:  # over live rows only: (N, d_out) -> (N,) -> (B,)
-            rows = live.nonzero()[:, 0]  # (N,) sample of each live row
-            a_live, g_live = a[live], g[live]  # (N, d_in), (N, d_out)
-            per_row = ((a_live @ G_W.T) * g_live).sum(dim=1)  # (N,)
-            dot = torch.zeros(B, dtype=dt, device=a.device).index_add_(0, rows, per_row)
-        else:
-            dot = ((a @ G_W.T) * g).sum(dim=(1, 2))  # (B, T, d_out) -> (B,)
         t_live = int(n_live.max())
         if t_live < 0.75 * T:  # pack each sample's live positions to the front: T' = t_live < T
             order = torch.argsort((~live).to(torch.uint8), dim=1, stable=True)[:, :t_live, None]  # (B, T', 1)
             a = a.gather(1, order.expand(-1, -1, a.shape[-1]))  # (B, T', d_in)
             g = g.gather(1, order.expand(-1, -1, g.shape[-1]))  # (B, T', d_out), 0 past a sample's count
-        # ||grad W_i||^2 = sum_{t,s} (a_it . a_is)(g_it . g_is): (B, T', T') -> (B,)
-        sq = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
-
+        elif int(n_live.sum()) < 0.9 * B * T:  # the dot over live rows only: (N, d_out) -> (N,) -> (B,)
+            rows = live.nonzero()[:, 0]  # (N,) sample of each live row
+            per_row = torch.linalg.vecdot(F.linear(a[live], G_W, G_b), g[live])  # (N,)
+            dot = torch.zeros(B, dtype=dt, device=a.device).index_add_(0, rows, per_row)
+    if dot is None:  # sum_t g_it . (G_W a_it + G_b): (B, T, d_out) -> (B,)
+        dot = torch.linalg.vecdot(F.linear(a, G_W, G_b).flatten(1), g.flatten(1))
+    # sum_{t,s} (a_it . a_is + 1)(g_it . g_is): (B, T, T) -> (B,)
+    aa = a @ a.transpose(1, 2)  # (B, T, T)
     if G_b is not None:
-        dot = dot + g_sum @ G_b.to(device=a.device, dtype=dt)  # <grad b_i, G_b>: (B,)
-        sq = sq + g_sum.square().sum(dim=1)  # ||grad b_i||^2: (B,)
-    return dot, sq
+        aa = aa + 1  # the bias's constant input
+    return dot, torch.linalg.vecdot(aa.flatten(1), (g @ g.transpose(1, 2)).flatten(1))
 
 
 def val_grad(model: TrainModel, batch: Mapping[str, Tensor]) -> tuple[float, list[Tensor]]:

@@ -49,9 +49,6 @@ class TrainerSettings(Settings):
     source_scale: float = Field(
         24.0, ge=0, description="logit per unit of a source's mean score, in units of the per-sample spread"
     )
-    source_boost: float = Field(
-        0.0, ge=0, le=1, description="share of source_scale for sources above the typical sample"
-    )
     sample_scale: float = Field(1.0, ge=0)
     sample_prior_visits: float = Field(
         2.0, gt=0, description="the least prior weight (in visits) on a sample's own mean score"

@@ -11,11 +11,11 @@ makes them useful for data selection: the samples look alike, and only the answe
   reaches 0.59-0.78 exact match at 500 steps, 0.85-0.92 at 1,000 and ~0.9 at 2,000 (seeds 0, 1);
   3-digit addition is far slower (~0.68 after 3,000 steps, RESEARCH.md). With only ~2,600 distinct
   problems it is slower too: 0.43 at 1,000 steps, 0.65 at 2,000.
-- Sloppy answers (``Source.noisy``) get the units carry wrong: ``"47+38="`` -> ``"75"``, ``"12+13="``
-  -> ``"35"``. One consistent mistake on the hardest part of the task competes with the right rule
-  instead of averaging out: uniform training on the ``noisy`` stream (40% such answers) scores
+- Sloppy answers (``Source.noisy``) of ``ADD`` get the units carry wrong: ``"47+38="`` -> ``"75"``,
+  ``"12+13="`` -> ``"35"``. One consistent mistake on the hardest part of the task competes with the
+  right rule instead of averaging out: uniform training on the ``noisy`` stream (40% such answers) scores
   0.05-0.50 at 500 steps and 0.45-0.5 at 2,000, where answers off by one or ten at random still
-  reached 0.82.
+  reached 0.82. ``ADD_CARELESS`` (the demo's task) makes those scattered mistakes instead.
 - ``ABSDIFF`` (the off-task): ``"47+38="`` -> ``"9"``, an agent doing a different job (the distance
   between the operands) on look-alike prompts. The same input maps to a different answer, so each
   off-task sample pulls the model away from the main task: it conflicts, it is not merely useless
@@ -149,6 +149,9 @@ def _carry_slip(a: int, b: int) -> int:
 
 
 ADD = ArithmeticTask("add", lambda a, b: a + b, slip=_carry_slip)
+# the same task, where a wrong answer is a careless slip (off by one or ten at random): the demo's
+# sloppy agent, whose mistakes a weighting can see within a demo's minutes
+ADD_CARELESS = ArithmeticTask("add", lambda a, b: a + b)
 ABSDIFF = ArithmeticTask("absdiff", lambda a, b: abs(a - b))
 ADD_REVERSED = ArithmeticTask("add-reversed", lambda a, b: a + b, render=_reversed_digits, slip=_carry_slip)
 

@@ -22,7 +22,6 @@ import httpx
 import pytest
 import redis
 import torch
-from conftest import RedisServer, free_port, redis_server_binary
 from sqlalchemy.orm import Session
 
 from app.client import Client, DatadietError
@@ -30,6 +29,7 @@ from app.demo.scenarios import MLP_DIGITS
 from app.schema import content_id
 from store.checkpoints import checkpoint_path
 from store.meta import Checkpoint, make_engine, next_checkpoint_version
+from tests.conftest import RedisServer, free_port, redis_server_binary
 from trainer import load_checkpoint
 from trainer.checkpoint import save_checkpoint
 from trainer.models import build_model

@@ -18,8 +18,9 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
     N_s  <- lam^{n_s} N_s + n_s                                         its evidence (n_s: its samples in
     M_s  <- (lam^{n_s} N_s,old M_s + sum_{i in batch, s} c_i) / N_s     the batch), its mean score over
     S_s  =  M_s N_s / (N_s + n0)                                        ~H samples, shrunk while N_s < n0
-    P_s  =  S_s if S_s < 0 else k S_s                                   sources below the batch's typical
-                                                                        sample penalised, above boosted by k
+    S-bar = sum_s mass_s S_s / sum_s mass_s                             the training mix's score (mass_s:
+                                                                        the source's current weight)
+    P_s  =  min(0, S_s - S-bar)                                         sources below the mix penalised
     z_i  = ramp(step) (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
     w_i  = exp(z_i) / |copies of i's content from i's source|,  then scaled so live weights average 1
 
@@ -27,10 +28,13 @@ The source term carries most of the signal early; the per-sample deviation, shru
 r_i, separates good and bad samples within a source as visits accumulate. S_s averages over the last ~H of
 the source's samples: a per-sample cosine has a spread (sig) far above the differences between sources, so
 a short average random-walks the source weights (with H samples its noise is sig / sqrt(H)). Sources
-scoring below the batch's typical sample (half queued samples, half what the model trains on) are
-penalised; those above it are boosted by only k of that (k = 0 by default): the one-step look-ahead does
-not value diversity, and a source of a few items repeated as near-duplicates scores above the rest and
-would otherwise take most of the training. One source's copies of identical content share one weight;
+scoring below what the model currently trains on (the weight-weighted mean of the source scores) are
+penalised; none is boosted above 1 for scoring above it: the one-step look-ahead does not value
+diversity, and a source of a few items repeated as near-duplicates can score above the rest and would
+otherwise take most of the training. The reference is the training mix, not the typical arriving sample:
+once an off-task and a spamming source are weighted down, a sloppy source must be compared with what
+replaced them (on the demo stream, a reference at the batch median left the sloppy agent unpenalised).
+One source's copies of identical content share one weight;
 the same content from different sources does not (independent agreement is evidence, not redundancy).
 The per-sample term is trusted only as far as the scores are reliable: v0 compares a visit's noise (how
 far a revisit lands from the sample's mean so far) with the spread between samples. On the digits
@@ -41,7 +45,7 @@ near uniform within a source instead of following noise. ``ramp`` rises linearly
 exp(+-2 z_max) of the others (nothing collapses to zero by noise, nothing takes everything) and lets
 the good samples of a heavily penalised source still rise above its bad ones.
 Knobs and defaults: trainer/settings.py (scale_beta=b, source_horizon=H, source_prior_samples=n0,
-source_scale=l_src, source_boost=k, sample_scale=l_smp, sample_prior_visits=v0_min, max_logit=z_max,
+source_scale=l_src, sample_scale=l_smp, sample_prior_visits=v0_min, max_logit=z_max,
 warmup_steps).
 """
 
@@ -145,7 +149,10 @@ class Bilevel(Weighting):
         trust = visits / (visits + self.prior_visits)  # r_i
         src = table.source.astype(np.int64)
         source = self.source_mean  # S_s
-        penalty = np.where(source < 0, source, s.source_boost * source)  # P_s
+        alive = table.alive
+        mass = np.bincount(src[alive], weights=table.weight[alive], minlength=len(source))  # (n_sources,)
+        reference = float(mass @ source / max(mass.sum(), EPS))  # S-bar: what the model trains on now
+        penalty = np.minimum(source - reference, 0.0)  # P_s
         z_src = np.clip(s.source_scale * penalty / sig, -s.max_logit, s.max_logit)  # (n_sources,)
         z_smp = np.clip(s.sample_scale * trust * (mean - source[src]) / sig, -s.max_logit, s.max_logit)
         ramp = min(1.0, step / s.warmup_steps) if s.warmup_steps else 1.0
