@@ -175,7 +175,11 @@ class Trainer:
 
     def poll(self) -> None:
         block = None if self.table.live else 1000
-        self._add(self.feed.read_new(self.settings.read_count, block_ms=block))
+        entries = self.feed.read_new(self.settings.read_count, block_ms=block)
+        if entries and self.val_version >= 0:
+            # a new validation set must be seen before the samples posted after it join a cohort
+            self.refresh_validation()
+        self._add(entries)
 
     def refresh_validation(self) -> None:
         version = self.feed.validation_version()
@@ -189,6 +193,7 @@ class Trainer:
             # the task may have changed: the backlog queued before it did is no longer the most useful
             # to score first (those samples stay in the table and are drawn by weight); samples that
             # arrived since the last check (ordinals only grow) and from now on are queued as usual
+            self.table.new_cohort()  # what arrives from now on is estimated apart from the older data
             queued = self.table.fresh.array()
             self.table.fresh = RowQueue(queued[self.table.ordinal[queued] > self.checked_ordinal])
             self.weighting.on_validation_change(self.table)

@@ -33,8 +33,9 @@ def weights_document(table: WeightTable, step: int, method: str) -> dict[str, An
     """The document ``GET /v1/weights`` serves."""
     alive = table.alive
     w = table.weight[alive].astype(np.float64)
-    src = table.source[alive].astype(np.int64)
-    n_src = len(table.sources)
+    names, name_of = table.source_names()  # a source's cohorts are reported together, by name
+    src = name_of[table.source[alive].astype(np.int64)] if len(names) else np.zeros(0, np.int64)
+    n_src = len(names)
     mass = np.bincount(src, weights=w, minlength=n_src)
     count = np.bincount(src, minlength=n_src)
     total = float(mass.sum())
@@ -45,10 +46,9 @@ def weights_document(table: WeightTable, step: int, method: str) -> dict[str, An
         "step": step,
         "updated_at": datetime.now(UTC).isoformat(),
         "method": method,
-        "sources": {table.sources[i]: float(mass[i] / total) if total else 0.0 for i in present},
+        "sources": {names[i]: float(mass[i] / total) if total else 0.0 for i in present},
         "source_stats": {
-            table.sources[i]: {"count": int(count[i]), "mean_weight": float(mass[i] / count[i])}
-            for i in present
+            names[i]: {"count": int(count[i]), "mean_weight": float(mass[i] / count[i])} for i in present
         },
         "summary": {
             "count": len(w),

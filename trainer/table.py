@@ -75,8 +75,13 @@ class WeightTable:
     def __init__(self, capacity: int = 1024) -> None:
         self.n = 0  # rows in use (live and dead)
         self.cols: dict[str, np.ndarray] = {k: np.zeros(capacity, dtype=t) for k, t in _FIELDS.items()}
-        self.sources: list[str] = []
-        self._source_index: dict[str, int] = {}
+        # a source index is a (name, cohort) pair: samples that arrived under different validation sets
+        # (cohorts) are estimated apart, so a task change can tell the old data from the new within a
+        # source; everything shown to users is aggregated by name
+        self.sources: list[str] = []  # name per index (a name repeats once per cohort)
+        self.source_cohorts: list[int] = []
+        self.cohort = 0  # the cohort new samples join
+        self._source_index: dict[tuple[str, int], int] = {}
         self.tree = SumTree(capacity)
         self.fresh = RowQueue()  # rows never scored yet, oldest first
         self.evicted = 0  # rows dropped because their sample left the buffer
@@ -98,12 +103,24 @@ class WeightTable:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.cols.values()) + self.tree.nbytes
 
-    def source_id(self, name: str) -> int:
-        idx = self._source_index.get(name)
+    def source_id(self, name: str, cohort: int | None = None) -> int:
+        key = (name, self.cohort if cohort is None else cohort)
+        idx = self._source_index.get(key)
         if idx is None:
-            idx = self._source_index[name] = len(self.sources)
+            idx = self._source_index[key] = len(self.sources)
             self.sources.append(name)
+            self.source_cohorts.append(key[1])
         return idx
+
+    def new_cohort(self) -> None:
+        """Samples added from now on form a new cohort of their source (the validation set changed)."""
+        self.cohort += 1
+
+    def source_names(self) -> tuple[list[str], np.ndarray]:
+        """(distinct source names, the name's position for every source index)."""
+        names = list(dict.fromkeys(self.sources))
+        pos = {n: i for i, n in enumerate(names)}
+        return names, np.array([pos[n] for n in self.sources], dtype=np.int64)
 
     # growth and removal ----------------------------------------------------------------------------
     def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
@@ -197,7 +214,8 @@ class WeightTable:
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
         arrays["fresh"] = self.fresh.array()
-        return arrays, {"sources": self.sources, "evicted": self.evicted}
+        info = {"sources": self.sources, "cohorts": self.source_cohorts, "cohort": self.cohort}
+        return arrays, {**info, "evicted": self.evicted}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> WeightTable:
@@ -208,8 +226,10 @@ class WeightTable:
         t.n = n
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1
-        for s in info["sources"]:
-            t.source_id(s)
+        cohorts = info.get("cohorts") or [0] * len(info["sources"])
+        for s, c in zip(info["sources"], cohorts, strict=True):
+            t.source_id(s, c)
+        t.cohort = int(info.get("cohort", 0))
         t.evicted = int(info.get("evicted", 0))
         t.fresh = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
         t.set_sampling(np.where(t.alive, np.maximum(t.weight, 1e-6), 0.0))

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from tests.trainer.conftest import MLP, blobs
 from trainer.loop import Trainer
+from trainer.publish import weights_document
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting.base import shared_weights
@@ -84,3 +85,23 @@ def test_a_new_validation_set_drops_the_queue_of_samples_that_arrived_before_it(
     queued = trainer.table.ordinal[trainer.table.fresh.array()]
     assert len(queued) == 100  # only what arrived with the new task is queued to be scored first
     assert set(queued.tolist()).isdisjoint(trainer.table.ordinal[:2000].tolist())
+    # ... and it forms a new cohort of source "a", estimated apart from a's older samples
+    t = trainer.table
+    assert t.sources == ["a", "a"] and t.source_cohorts == [0, 1]
+    assert set(t.source[2000:].tolist()) == {1} and set(t.source[:2000].tolist()) == {0}
+
+
+def test_a_sources_cohorts_are_estimated_apart_but_published_as_one_source() -> None:
+    t = WeightTable()
+    t.add(np.arange(4), np.arange(4, dtype=np.uint64), ["a", "a", "b", "b"])
+    t.new_cohort()
+    t.add(np.arange(4, 6), np.arange(4, 6, dtype=np.uint64), ["a", "b"])
+    assert t.source.tolist() == [0, 0, 1, 1, 2, 3]  # (a, 0), (b, 0), (a, 1), (b, 1)
+    t.cols["weight"][:6] = [1.0, 1.0, 1.0, 1.0, 2.0, 0.0]
+    doc = weights_document(t, step=1, method="bilevel")
+    assert doc["sources"] == {"a": 4 / 6, "b": 2 / 6}
+    assert doc["source_stats"]["a"] == {"count": 3, "mean_weight": 4 / 3}
+    arrays, info = t.state()
+    back = WeightTable.from_state(arrays, info)
+    assert back.sources == t.sources and back.source_cohorts == [0, 0, 1, 1] and back.cohort == 1
+    assert back.source_id("a") == 2  # new samples of "a" still join its current cohort

@@ -34,6 +34,8 @@ diversity, and a source of a few items repeated as near-duplicates can score abo
 otherwise take most of the training. The reference is the training mix, not the typical arriving sample:
 once an off-task and a spamming source are weighted down, a sloppy source must be compared with what
 replaced them (on the demo stream, a reference at the batch median left the sloppy agent unpenalised).
+A "source" here is a source's cohort: the samples it sent under one validation set (trainer/table.py),
+so after a task change its old and new data are estimated apart (published weights sum the cohorts).
 One source's copies of identical content share one weight;
 the same content from different sources does not (independent agreement is evidence, not redundancy).
 The per-sample term is trusted only as far as the scores are reliable: v0 compares a visit's noise (how
