@@ -4,7 +4,8 @@ Each builder returns a :class:`Scenario`; ``build_scenario(name, seed)`` picks o
 
 | name | stream | what it tests |
 |---|---|---|
-| ``noisy`` | clean-a 25%, clean-b 15%, noisy-50 35%, noisy-90 25% | 40% of all samples answer wrongly |
+| ``noisy`` | clean-a 25%, clean-b 15%, noisy-50 35%, noisy-90 25% | 40% of samples answer wrongly |
+| ``noisy-carry`` | the same, every wrong answer one consistent carry slip | a competing rule |
 | ``redundancy`` | clean-a, clean-b, and a flood of 20 problems at 10x each one's volume | copies |
 | ``misaligned`` | clean-a 40%, clean-b 30%, offtask 30% (``ABSDIFF`` on the same prompts) | a conflict |
 | ``drift`` | agent-a 60%, agent-b 40%; ``ADD`` then ``ADD_REVERSED`` from ``switch_at`` on | a task change |
@@ -216,18 +217,25 @@ def _text_scenario(
     )
 
 
+NOISY_SOURCES = [
+    (Source.clean("clean-a"), 0.25),
+    (Source.clean("clean-b"), 0.15),
+    (Source.noisy("noisy-50", 0.5), 0.35),
+    (Source.noisy("noisy-90", 0.9), 0.25),
+]
+
+
 def noisy_scenario(seed: int = 0) -> Scenario:
-    """Four sources, two of them sloppy: 0.35 * 0.5 + 0.25 * 0.9 = 0.40 of all samples are wrong."""
-    return _text_scenario(
-        "noisy",
-        seed,
-        [
-            (Source.clean("clean-a"), 0.25),
-            (Source.clean("clean-b"), 0.15),
-            (Source.noisy("noisy-50", 0.5), 0.35),
-            (Source.noisy("noisy-90", 0.9), 0.25),
-        ],
-    )
+    """Four sources, two of them sloppy: 0.35 * 0.5 + 0.25 * 0.9 = 0.40 of all samples are wrong, each
+    wrong answer a careless slip (off by one or ten at random, ``ADD_CARELESS``)."""
+    return _text_scenario("noisy", seed, NOISY_SOURCES, task=ADD_CARELESS)
+
+
+def noisy_carry_scenario(seed: int = 0) -> Scenario:
+    """The same sources, but every wrong answer is the same consistent carry slip (``ADD``): a competing
+    rule rather than noise. No score can tell it from the right rule before the model has begun to learn
+    the carry, so it needs a longer budget, and even then it is a hard case (README, Quality)."""
+    return _text_scenario("noisy-carry", seed, NOISY_SOURCES)
 
 
 def redundancy_scenario(seed: int = 0) -> Scenario:
@@ -320,6 +328,7 @@ def digits_scenario(seed: int = 0) -> Scenario:
 
 SCENARIOS: dict[str, Callable[[int], Scenario]] = {
     "noisy": noisy_scenario,
+    "noisy-carry": noisy_carry_scenario,
     "redundancy": redundancy_scenario,
     "misaligned": misaligned_scenario,
     "drift": drift_scenario,

@@ -15,7 +15,7 @@ from app.demo.scenarios import SCENARIOS, Scenario, build_scenario, drift_scenar
 from app.demo.tasks import ABSDIFF, ADD, ADD_REVERSED, Source, exact_match
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONTRACT.md, Sample: id and source
-TEXT_SCENARIOS = ["noisy", "redundancy", "misaligned", "drift", "demo"]
+TEXT_SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "demo"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,20 @@ def test_noisy_scenario_corrupts_forty_percent_of_a_long_stream(scenarios) -> No
     corrupted = sum(s["meta"]["corrupted"] for s in stream) / len(stream)
     assert corrupted == pytest.approx(0.40, abs=0.02)
     assert {s["source"] for s in stream} == {"clean-a", "clean-b", "noisy-50", "noisy-90"}
+
+
+def test_noisy_slips_are_scattered_and_noisy_carry_slips_are_one_consistent_carry_error(streams) -> None:
+    def slips(name: str) -> list[int]:
+        return [
+            int(s["target"]) - int(ADD.solve(s["input"])) for s in streams[name] if s["meta"]["corrupted"]
+        ]
+
+    careless = Counter(slips("noisy"))
+    assert set(careless) <= {-10, -1, 1, 10} and min(careless.values()) > 0.1 * sum(careless.values())
+    for s in streams["noisy-carry"]:
+        if s["meta"]["corrupted"]:
+            a, b = (int(x) for x in s["input"].rstrip("=").split("+"))
+            assert int(s["target"]) == (a + b - 10 if a % 10 + b % 10 >= 10 else a + b + 10)
 
 
 @pytest.mark.parametrize("name", TEXT_SCENARIOS)
