@@ -1,7 +1,6 @@
 """The quality benchmark's smoke run, as CI runs it: ``python bench/quality.py --quick`` (the noisy scenario,
 seed 0, uniform and bilevel through the real API and trainer processes, 1,000 steps, ~1-2 minutes on 2
-cores) exits 0
-only when bilevel's held-out test accuracy beats uniform's."""
+cores) exits 0 only when bilevel's held-out test accuracy beats uniform's."""
 
 from __future__ import annotations
 
