@@ -33,11 +33,11 @@ from trainer.models.base import to_device
 from trainer.publish import Publisher
 from trainer.settings import TrainerSettings
 from trainer.state import TrainerState, load_state
-from trainer.table import RowQueue, WeightTable
+from trainer.table import WeightTable
 from trainer.weighting import make_weighting
+from trainer.weighting.base import COEF_FLOOR
 
 log = logging.getLogger("datadiet.trainer")
-COEF_FLOOR = 1e-8
 
 
 class PayloadCache:
@@ -183,9 +183,8 @@ class Trainer:
 
     def refresh_validation(self) -> None:
         version = self.feed.validation_version()
-        newest = int(self.table.ordinal[: self.table.n].max(initial=-1))
         if version == self.val_version:
-            self.checked_ordinal = newest
+            self.checked_ordinal = self.table.max_ordinal
             return
         self.val_version, self.val_samples = self.feed.validation()
         self.g_val = None
@@ -194,10 +193,9 @@ class Trainer:
             # to score first (those samples stay in the table and are drawn by weight); samples that
             # arrived since the last check (ordinals only grow) and from now on are queued as usual
             self.table.new_cohort()  # what arrives from now on is estimated apart from the older data
-            queued = self.table.fresh.array()
-            self.table.fresh = RowQueue(queued[self.table.ordinal[queued] > self.checked_ordinal])
+            self.table.unqueue_through(self.checked_ordinal)
             self.weighting.on_validation_change(self.table)
-        self.checked_ordinal = newest
+        self.checked_ordinal = self.table.max_ordinal
         log.info("validation set v%d: %d samples", self.val_version, len(self.val_samples))
 
     # ------------------------------------------------------------------ one step

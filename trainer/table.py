@@ -112,6 +112,16 @@ class WeightTable:
             self.source_cohorts.append(key[1])
         return idx
 
+    @property
+    def max_ordinal(self) -> int:
+        """The newest ordinal ever added (-1 for none): stream ordinals only grow."""
+        return self._max_ordinal
+
+    def unqueue_through(self, ordinal: int) -> None:
+        """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table)."""
+        queued = self.fresh.array()
+        self.fresh = RowQueue(queued[self.cols["ordinal"][queued] > ordinal])
+
     def new_cohort(self) -> None:
         """Samples added from now on form a new cohort of their source (the validation set changed)."""
         self.cohort += 1

@@ -12,6 +12,8 @@ from trainer.table import WeightTable
 if TYPE_CHECKING:
     from trainer.loop import Trainer
 
+COEF_FLOOR = 1e-8  # the least loss coefficient: GhostScorer.scores divides by each, so all must be > 0
+
 
 class Weighting:
     """A weighting rule. ``scores`` says whether the loop must compute outer-step scores at all."""

@@ -23,9 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from trainer.table import WeightTable
-from trainer.weighting.base import Weighting
-
-COEF_FLOOR = 1e-8  # the loop wants every coefficient > 0
+from trainer.weighting.base import COEF_FLOOR, Weighting
 
 
 class L2RW(Weighting):

@@ -27,14 +27,13 @@ from trainer.models import TrainModel, build_model
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import Weighting
+from trainer.weighting.base import COEF_FLOOR, Weighting
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 SELECT_FRACTION = 0.25
 IL_STEPS = 300
-COEF_FLOOR = 1e-8  # the loop wants every coefficient > 0
 
 
 class RhoLoss(Weighting):
