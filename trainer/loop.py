@@ -262,6 +262,11 @@ class Trainer:
         with self.scorer.capture() if scoring else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 losses = self.model.per_sample_loss(batch)  # (B,)
+            if self.weighting.batch_from == "losses":  # RHO-LOSS selection: chosen before the one backward
+                before = losses.detach().double().cpu().numpy()
+                chosen = self.weighting.batch_coef(self.table, rows, coef, before, None, None)
+                if chosen is not None:
+                    c = torch.as_tensor(chosen, dtype=torch.float32, device=self.device)
             loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
             loss.backward()
         losses_np = losses.detach().double().cpu().numpy()
@@ -277,8 +282,12 @@ class Trainer:
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
             again = rows[self.table.visits[rows] < s.min_visits]
             self.table.fresh.extend(np.unique(again))
-        # per-batch baselines (L2RW, RHO-LOSS selection) re-weight this very batch: a second backward
-        batch_coef = self.weighting.batch_coef(self.table, rows, coef, losses_np, dots_np, norms_np)
+        # L2RW re-weights this very batch from its scores: a second backward
+        batch_coef = (
+            self.weighting.batch_coef(self.table, rows, coef, losses_np, dots_np, norms_np)
+            if self.weighting.batch_from == "scores"
+            else None
+        )
         if batch_coef is not None:
             self.opt.zero_grad(set_to_none=True)
             c2 = torch.as_tensor(batch_coef, dtype=torch.float32, device=self.device)

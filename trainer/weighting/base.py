@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -20,6 +20,9 @@ class Weighting:
 
     name: ClassVar[str] = "base"
     scores: ClassVar[bool] = False
+    # per-batch rules: what ``batch_coef`` needs. "losses": the loop asks before its one backward;
+    # "scores": after it (the scores come from that backward), then redoes the backward; "": never asks
+    batch_from: ClassVar[Literal["", "losses", "scores"]] = ""
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
@@ -51,8 +54,8 @@ class Weighting:
         dots: np.ndarray | None,
         norms: np.ndarray | None,
     ) -> np.ndarray | None:
-        """Per-batch methods return new loss coefficients for this batch (summing to 1, all > 0); the loop
-        then redoes the backward with them. None (the default) keeps the step as it is."""
+        """Per-batch methods (``batch_from``) return new loss coefficients for this batch (summing to 1, all
+        > 0) that the step's backward uses. None keeps the step as it is."""
         return None
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:

@@ -18,7 +18,7 @@ average G_val over a few steps, which is a memory the paper does not have.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from trainer.weighting.base import COEF_FLOOR, Weighting
 class L2RW(Weighting):
     name: ClassVar[str] = "l2rw"
     scores: ClassVar[bool] = True
+    batch_from: ClassVar[Literal["", "losses", "scores"]] = "scores"
 
     def observe(
         self,

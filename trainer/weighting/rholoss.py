@@ -6,7 +6,7 @@ reducible, i.e. high under the current model but low under a model trained on tr
                                           again whenever it is replaced)
     RL_i  = loss_i(theta) - IL_i          reducible loss; loss_i(theta) is the step's own forward
     keep the top ceil(SELECT_FRACTION * B) of the batch by RL_i, each with coefficient 1/k; the rest get
-    a floor (the loop redoes the backward with these coefficients, ``batch_coef``)
+    a floor (``batch_coef``: the loop asks before its backward, so the step has one)
 
 Wrong labels have a high training loss but also a high irreducible loss (the trusted model disagrees with
 them too), so they are skipped; points already learnt have a low training loss and are skipped too. The
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ IL_STEPS = 300
 class RhoLoss(Weighting):
     name: ClassVar[str] = "rholoss"
     scores: ClassVar[bool] = False
+    batch_from: ClassVar[Literal["", "losses", "scores"]] = "losses"
 
     def __init__(self, settings: TrainerSettings) -> None:
         super().__init__(settings)
