@@ -181,6 +181,22 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=15)
 
 
+def start_redis(directory: str, stack: ExitStack) -> str:
+    """A throwaway redis-server (no persistence) on a free port, stopped with ``stack``; its URL without
+    a database number, once it answers PING."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    stack.callback(stop, proc)
+    url = f"redis://127.0.0.1:{port}"
+    client = stack.enter_context(redis.Redis.from_url(url))
+    wait_for(lambda: bool(client.ping()), proc, "redis-server")
+    return url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,16 +217,8 @@ def main() -> None:
     rows = [http] + ([many] if args.clients else []) + [full, raw]
     load = os.getloadavg()[0]  # others' work on this machine skews the numbers: say how busy it was
     with tempfile.TemporaryDirectory(prefix="datadiet-bench-") as tmp, ExitStack() as stack:
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            [redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp,
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        stack.callback(stop, redis_proc)
-        r = redis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-        wait_for(lambda: bool(r.ping()), redis_proc, "redis-server")
-        redis_url = f"redis://127.0.0.1:{redis_port}"
+        redis_url = start_redis(tmp, stack)
+        r = redis.Redis.from_url(f"{redis_url}/0")
         api = start_api(f"{redis_url}/0", tmp, stack)
         small_api = start_api(f"{redis_url}/1", tmp, stack, buffer_max_samples=str(args.capacity))
 

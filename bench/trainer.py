@@ -35,7 +35,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ from sqlalchemy.engine import Engine
 
 from app.demo.tasks import ADD
 from app.schema import InputSpec, to_record, validate_samples
-from bench.ingest import free_port, redis_binary, stop, wait_for
+from bench.ingest import start_redis
 from store.buffer import SampleBuffer
 from store.feed import TrainerFeed
 from store.keys import FRESH_BASE, Keys
@@ -546,16 +545,7 @@ def main() -> None:
     table = measure_fill(scale, defaults.read_count)
     with tempfile.TemporaryDirectory(prefix="datadiet-bench-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        port = free_port()
-        proc = subprocess.Popen(
-            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp_name,
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        stack.callback(stop, proc)
-        url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        wait_for(lambda: bool(client.ping()), proc, "redis-server")
+        url = f"{start_redis(tmp_name, stack)}/0"
         engine = make_engine(f"sqlite:///{tmp / 'meta.db'}")
         stack.callback(engine.dispose)
         migrate(engine)
