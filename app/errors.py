@@ -59,7 +59,7 @@ class PayloadTooLarge(DatadietError):
 
 class Unavailable(DatadietError):
     status, type = 503, "Unavailable"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "1"}
+    headers: ClassVar[Mapping[str, str] | None] = {"Retry-After": "1"}
 
 
 def _render(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:

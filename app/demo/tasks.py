@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -151,7 +151,7 @@ def _carry_slip(a: int, b: int) -> int:
 ADD = ArithmeticTask("add", lambda a, b: a + b, slip=_carry_slip)
 # the same task, where a wrong answer is a careless slip (off by one or ten at random): the demo's
 # sloppy agent, whose mistakes a weighting can see within a demo's minutes
-ADD_CARELESS = ArithmeticTask("add", lambda a, b: a + b)
+ADD_CARELESS = replace(ADD, slip=None)
 ABSDIFF = ArithmeticTask("absdiff", lambda a, b: abs(a - b))
 ADD_REVERSED = ArithmeticTask("add-reversed", lambda a, b: a + b, render=_reversed_digits, slip=_carry_slip)
 
