@@ -1,6 +1,7 @@
 """Quality benchmark: less data, faster convergence and better generalisation, against real baselines.
 
     python bench/quality.py                  # the full benchmark: 5 scenarios x 8 methods x 3 seeds
+    python bench/quality.py --scenarios noisy-carry   # the hard-case probe, not in the default run
     python bench/quality.py --quick          # smoke: noisy, seed 0, uniform and bilevel; exit 1 unless
                                              # bilevel beats uniform on held-out test accuracy
     python bench/quality.py --scenarios noisy digits --methods uniform bilevel --seeds 0 1
@@ -43,6 +44,9 @@ from bench.quality_run import RunResult, RunSpec, run, snapshot_code  # noqa: E4
 
 RESULTS = REPO / "bench" / "results"
 SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digits"]
+# the issue's five; noisy-carry (a consistent slip that no score sees before the model has learnt the carry,
+# ~15% of the full run's time) runs when asked for by name
+DEFAULT_SCENARIOS = [s for s in SCENARIOS if s != "noisy-carry"]
 METHODS = ["uniform", "random", "val-only", "loss", "l2rw", "rholoss", "bilevel", "oracle"]
 NOT_FOR = {
     "drift": {"random", "oracle"},  # nothing to subsample against, no clean-only stream
@@ -68,7 +72,7 @@ SECONDS_PER_STEP = {"digits": 0.01}  # the rest: tiny-gpt, ~0.07 s per uniform s
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="noisy, seed 0, uniform and bilevel (~3 min)")
-    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=DEFAULT_SCENARIOS)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2, help="runs at a time (each trainer uses one thread)")

@@ -209,8 +209,9 @@ class Trainer:
         ) + self.settings.explore * t.alive / n_live
         t.set_sampling(np.where(t.alive, probs, 0.0))
 
-    def _batch(self, fresh_first: bool) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """(rows, loss coefficients summing to 1, payloads) for one batch; evicted samples dropped."""
+    def _batch(self, fresh_first: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """(rows, loss coefficients summing to 1, which rows came from the queue, payloads) for one batch;
+        evicted samples dropped."""
         s, t = self.settings, self.table
         fresh = t.take_fresh(int(s.batch_size * s.fresh_fraction)) if fresh_first else np.empty(0, np.int64)
         drawn = t.draw(s.batch_size - len(fresh), self.rng) if t.tree.total > 0 else np.empty(0, np.int64)
@@ -222,9 +223,10 @@ class Trainer:
         keep = np.array([p is not None for p in payloads], dtype=bool)
         if not keep.all():
             t.kill(rows[~keep])
-        rows, coef = rows[keep], coef[keep]
+        queued = np.arange(len(rows)) < len(fresh)
+        rows, coef, queued = rows[keep], coef[keep], queued[keep]
         coef = np.maximum(coef / max(coef.sum(), 1e-12), COEF_FLOOR)
-        return rows, coef / coef.sum(), [p for p in payloads if p is not None]
+        return rows, coef / coef.sum(), queued, [p for p in payloads if p is not None]
 
     def _val_batch(self) -> dict[str, torch.Tensor]:
         k = min(self.settings.val_batch_size, len(self.val_samples))
@@ -249,7 +251,7 @@ class Trainer:
         scoring = outer and self.weighting.scores and bool(self.val_samples)
         if self.step % s.reweight_every == 0:
             self._reweight()
-        rows, coef, payloads = self._batch(fresh_first=outer)
+        rows, coef, queued, payloads = self._batch(fresh_first=outer)
         if not len(rows):
             return False
         if scoring and (self.g_val is None or self.scorings % s.val_grad_every == 0):
@@ -280,7 +282,8 @@ class Trainer:
             self.weighting.observe(self.table, rows, dots_np, norms_np, g_norm, self.step)
             self.scorings += 1
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
-            again = rows[self.table.visits[rows] < s.min_visits]
+            # (only those taken from it: one drawn by weight is still queued, and would be queued twice)
+            again = rows[queued & (self.table.visits[rows] < s.min_visits)]
             self.table.fresh.extend(np.unique(again))
         # L2RW re-weights this very batch from its scores: a second backward
         batch_coef = (

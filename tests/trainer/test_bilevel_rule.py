@@ -105,3 +105,22 @@ def test_a_sources_cohorts_are_estimated_apart_but_published_as_one_source() -> 
     back = WeightTable.from_state(arrays, info)
     assert back.sources == t.sources and back.source_cohorts == [0, 0, 1, 1] and back.cohort == 1
     assert back.source_id("a") == 2  # new samples of "a" still join its current cohort
+
+
+def test_the_queue_holds_each_sample_once_until_it_has_its_visits(
+    make_settings: Callable[..., Any],
+    make_client: Callable[..., TestClient],
+    make_trainer: Callable[..., Trainer],
+) -> None:
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    samples = blobs(300, 23, source="a", noisy=False, prefix="q")
+    assert api.post("/v1/samples", json={"samples": samples}).status_code == 202
+    assert api.put("/v1/validation", json={"samples": samples[:64]}).status_code == 200
+    trainer = make_trainer(max_steps=12)  # 12 x 32 queue slots: the 300 first visits and some second ones
+    trainer.run()
+    t, min_visits = trainer.table, trainer.settings.min_visits
+    queued = t.fresh.array()
+    assert len(queued) == len(np.unique(queued))  # a sample drawn by weight while queued is not queued again
+    short = np.flatnonzero(t.visits[: t.n] < min_visits)
+    assert set(short.tolist()) <= set(queued.tolist())  # every sample still short of its visits is queued
+    assert 0 < len(queued) < 300
