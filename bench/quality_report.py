@@ -120,8 +120,10 @@ def targets(results: list[RunResult]) -> list[str]:
                  f"is {best} {others[best]:.3f}; margin {b - others[best]:+.3f}")  # fmt: skip
         auc = stat(g[(scn, "bilevel")], lambda r: r.auc_sample)[0]
         auc_c = stat(g[(scn, "bilevel")], lambda r: r.auc_content)[0]
+        auc_u = stat(g[(scn, "bilevel")], lambda r: r.auc_unique)[0]
+        unique = f"; without the flood's copies {auc_u:.3f}" if math.isfinite(auc_u) else ""
         line(auc >= 0.95, f"{scn}: bilevel per-sample ROC AUC {auc:.3f} >= 0.95; margin {auc - 0.95:+.3f} "
-             f"(per-content AUC {auc_c:.3f})")  # fmt: skip
+             f"(per-content AUC {auc_c:.3f}{unique})")  # fmt: skip
     for scn in ("noisy", "redundancy", "misaligned"):
         if (scn, "bilevel") not in g:
             continue
@@ -218,11 +220,12 @@ start (trainer/ hash {meta["code"]}). {meta["date"]}. `{meta["command"]}`.
 - **AUC sample**: ROC AUC of the final per-sample weights (`/v1/weights/samples?ids=`) at separating clean
   from corrupted samples (drift: new-task samples from old-task ones). **AUC content**: the same over
   distinct content (the service's content group: the same input up to case and whitespace, or vectors
-  equal after quantisation, with the same target), each item weighing the sum of its copies' weights.
-  The service splits one weight among identical copies, so a heavily copied clean item (the digits
+  with the same SimHash, with the same target), each item weighing the sum of its copies' weights.
+  The service splits one weight among a source's copies, so a heavily copied clean item (the digits
   flood: 20 images x 20 copies) has small per-sample weights but a normal total: the per-sample AUC counts
-  each copy as a low-weighted clean sample, the per-content AUC counts the item once. Redundancy has no
-  corrupted samples, so no AUC.
+  each copy as a low-weighted clean sample, the per-content AUC counts the item once; the target line
+  also gives the per-sample AUC without the flood's copies. Redundancy has no corrupted samples, so no
+  AUC.
 - **effective fraction**: share of live samples with weight >= 0.1 (`/v1/weights`, final).
 - **steps to uniform's best**: first checkpoint step (every {every} steps) at which the method's
   validation loss (checkpoint metric `val_loss`, the full 100-sample validation set) is at or below the
@@ -278,8 +281,8 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[RunResult]]:
 
 
 FLOAT_FIELDS = {
-    "test_acc", "effective_fraction", "auc_sample", "auc_content", "spearman", "pre_switch_loss",
-    "recovery_steps", "wall_s",
+    "test_acc", "effective_fraction", "auc_sample", "auc_content", "auc_unique", "spearman",
+    "pre_switch_loss", "recovery_steps", "wall_s",
 }  # fmt: skip
 
 

@@ -65,6 +65,7 @@ class RunResult:
     effective_fraction: float = math.nan
     auc_sample: float = math.nan
     auc_content: float = math.nan
+    auc_unique: float = math.nan  # auc_sample without the flood's copies (where the scenario has a flood)
     spearman: float = math.nan
     sources: dict[str, float] = field(default_factory=dict)  # final published source weights
     source_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -261,6 +262,9 @@ def _measure(
     if np.ptp(w) > 1e-6:  # else the rule keeps no per-sample weights: nothing to rank
         result.auc_sample = roc_auc(positive, w)
         result.auc_content = content_auc(kept, w, positive)
+        unique = np.array([s["meta"]["kind"] != "flood" for s in kept])
+        if not unique.all():
+            result.auc_unique = roc_auc(positive[unique], w[unique])
         result.spearman = source_spearman(kept, w, scn.true_quality)
     if scn.switch_at is not None:
         _drift(client, scn, checkpoints, run_dir, result)
@@ -313,7 +317,7 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
 
 def content_auc(samples: list[dict[str, Any]], w: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC over distinct content: copies (the service's content group: same input up to case and
-    whitespace, or vectors equal after quantisation, and the same target) count once, with the sum of
+    whitespace, or vectors with the same SimHash, and the same target) count once, with the sum of
     their weights, which is the share of training the content gets."""
     groups: dict[str, int] = {}
     for s in samples:
