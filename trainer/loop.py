@@ -195,6 +195,9 @@ class Trainer:
             self.table.new_cohort()  # what arrives from now on is estimated apart from the older data
             self.table.unqueue_through(self.checked_ordinal)
             self.weighting.on_validation_change(self.table)
+            if self.settings.reset_optimizer_on_validation_change:
+                # Adam's moments describe the old task's gradients: the new one starts from fresh moments
+                self.opt.state.clear()
         self.checked_ordinal = self.table.max_ordinal
         log.info("validation set v%d: %d samples", self.val_version, len(self.val_samples))
 

@@ -20,6 +20,9 @@ class TrainerSettings(Settings):
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_lr_steps: int = Field(50, ge=0, description="linear learning-rate warm-up")
+    reset_optimizer_on_validation_change: bool = Field(
+        True, description="clear the optimizer's moments when a new validation set (a new task) arrives"
+    )
 
     # outer loop (see trainer/weighting/bilevel.py for the rule and its knobs)
     outer_every: int = Field(1, ge=1, description="score the batch every k-th step")

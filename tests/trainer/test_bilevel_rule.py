@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.trainer.conftest import MLP, blobs
@@ -124,3 +125,27 @@ def test_the_queue_holds_each_sample_once_until_it_has_its_visits(
     short = np.flatnonzero(t.visits[: t.n] < min_visits)
     assert set(short.tolist()) <= set(queued.tolist())  # every sample still short of its visits is queued
     assert 0 < len(queued) < 300
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_new_validation_set_restarts_the_optimizers_moments_unless_told_not_to(
+    reset: bool,
+    make_settings: Callable[..., Any],
+    make_client: Callable[..., TestClient],
+    make_trainer: Callable[..., Trainer],
+) -> None:
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    samples = blobs(300, 24, source="a", noisy=False, prefix="r")
+    assert api.post("/v1/samples", json={"samples": samples}).status_code == 202
+    assert api.put("/v1/validation", json={"samples": samples[:64]}).status_code == 200
+    trainer = make_trainer(max_steps=5, reset_optimizer_on_validation_change=reset)
+    trainer.run()
+    assert len(trainer.opt.state) > 0  # AdamW keeps moments for every parameter it has stepped
+    trainer.refresh_validation()  # the same version: nothing changes
+    assert len(trainer.opt.state) > 0
+    assert api.put("/v1/validation", json={"samples": samples[64:128]}).status_code == 200
+    trainer.refresh_validation()
+    assert (len(trainer.opt.state) == 0) is reset
+    trainer.settings.max_steps = 6
+    trainer.run()  # and training goes on from fresh moments
+    assert trainer.step == 6 and len(trainer.opt.state) > 0
