@@ -66,15 +66,21 @@ def test_consistent_scores_are_trusted_and_pure_noise_is_not() -> None:
     assert np.ptp(z_noisy) < 0.3 * np.ptp(z_steady)
 
 
+def clean_buffer(api: TestClient, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+    """Post ``n`` clean mlp samples of source "a" and make the first 64 the validation set; the samples."""
+    samples = blobs(n, seed, source="a", noisy=False, prefix=prefix)
+    assert api.post("/v1/samples", json={"samples": samples}).status_code == 202
+    assert api.put("/v1/validation", json={"samples": samples[:64]}).status_code == 200
+    return samples
+
+
 def test_a_new_validation_set_drops_the_queue_of_samples_that_arrived_before_it(
     make_settings: Callable[..., Any],
     make_client: Callable[..., TestClient],
     make_trainer: Callable[..., Trainer],
 ) -> None:
     api = make_client(make_settings(model="mlp", model_params=MLP))
-    old = blobs(2000, 21, source="a", noisy=False, prefix="old")
-    assert api.post("/v1/samples", json={"samples": old}).status_code == 202
-    assert api.put("/v1/validation", json={"samples": old[:64]}).status_code == 200
+    old = clean_buffer(api, 2000, 21, "old")
     trainer = make_trainer(max_steps=5)
     trainer.run()
     assert len(trainer.table.fresh) > 1000  # the backlog: most of the 2,000 are not scored yet
@@ -114,9 +120,7 @@ def test_the_queue_holds_each_sample_once_until_it_has_its_visits(
     make_trainer: Callable[..., Trainer],
 ) -> None:
     api = make_client(make_settings(model="mlp", model_params=MLP))
-    samples = blobs(300, 23, source="a", noisy=False, prefix="q")
-    assert api.post("/v1/samples", json={"samples": samples}).status_code == 202
-    assert api.put("/v1/validation", json={"samples": samples[:64]}).status_code == 200
+    clean_buffer(api, 300, 23, "q")
     trainer = make_trainer(max_steps=12)  # 12 x 32 queue slots: the 300 first visits and some second ones
     trainer.run()
     t, min_visits = trainer.table, trainer.settings.min_visits
@@ -135,9 +139,7 @@ def test_a_new_validation_set_restarts_the_optimizers_moments_unless_told_not_to
     make_trainer: Callable[..., Trainer],
 ) -> None:
     api = make_client(make_settings(model="mlp", model_params=MLP))
-    samples = blobs(300, 24, source="a", noisy=False, prefix="r")
-    assert api.post("/v1/samples", json={"samples": samples}).status_code == 202
-    assert api.put("/v1/validation", json={"samples": samples[:64]}).status_code == 200
+    samples = clean_buffer(api, 300, 24, "r")
     trainer = make_trainer(max_steps=5, reset_optimizer_on_validation_change=reset)
     trainer.run()
     assert len(trainer.opt.state) > 0  # AdamW keeps moments for every parameter it has stepped
