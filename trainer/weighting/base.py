@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 COEF_FLOOR = 1e-8  # the least loss coefficient: GhostScorer.scores divides by each, so all must be > 0
+BatchFrom = Literal["", "losses", "scores"]  # what a per-batch rule's batch_coef needs (see Weighting)
 
 
 class Weighting:
@@ -22,7 +23,7 @@ class Weighting:
     scores: ClassVar[bool] = False
     # per-batch rules: what ``batch_coef`` needs. "losses": the loop asks before its one backward;
     # "scores": after it (the scores come from that backward), then redoes the backward; "": never asks
-    batch_from: ClassVar[Literal["", "losses", "scores"]] = ""
+    batch_from: ClassVar[BatchFrom] = ""
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings

@@ -18,18 +18,18 @@ average G_val over a few steps, which is a memory the paper does not have.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, Weighting
+from trainer.weighting.base import COEF_FLOOR, BatchFrom, Weighting
 
 
 class L2RW(Weighting):
     name: ClassVar[str] = "l2rw"
     scores: ClassVar[bool] = True
-    batch_from: ClassVar[Literal["", "losses", "scores"]] = "scores"
+    batch_from: ClassVar[BatchFrom] = "scores"
 
     def observe(
         self,

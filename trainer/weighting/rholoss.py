@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from trainer.models import TrainModel, build_model
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, Weighting
+from trainer.weighting.base import COEF_FLOOR, BatchFrom, Weighting
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -39,7 +39,7 @@ IL_STEPS = 300
 class RhoLoss(Weighting):
     name: ClassVar[str] = "rholoss"
     scores: ClassVar[bool] = False
-    batch_from: ClassVar[Literal["", "losses", "scores"]] = "losses"
+    batch_from: ClassVar[BatchFrom] = "losses"
 
     def __init__(self, settings: TrainerSettings) -> None:
         super().__init__(settings)
