@@ -32,6 +32,7 @@ Threads: one accept loop, and per connection one thread each way; all are daemon
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -46,14 +47,10 @@ POLL_S = 0.05  # how often an idle thread looks at the mode and the closed flag 
 
 def _reset(sock: socket.socket) -> None:
     """Close ``sock`` with an RST instead of a FIN (SO_LINGER on, timeout 0), ignoring errors."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class FaultProxy:
@@ -116,10 +113,8 @@ class FaultProxy:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        try:
+        with contextlib.suppress(OSError):
             self._listener.close()
-        except OSError:
-            pass
         self.reset_connections()
         self._acceptor.join(timeout=2)
 
@@ -202,10 +197,8 @@ class FaultProxy:
         finally:
             done.set()
             for sock in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def _forget(self, entry: tuple[socket.socket, socket.socket | None]) -> None:
         with self._lock:
