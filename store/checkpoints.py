@@ -9,13 +9,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_SUFFIX = ".safetensors"
+# write_atomic's temp files: "." + the target's name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def checkpoint_path(data_dir: str | os.PathLike[str], version: int) -> Path:
@@ -48,6 +53,35 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     logger.debug("wrote %s (%d bytes, sha256 %s)", target, len(data), digest)
     return digest
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str], *, older_than_s: float = 0.0) -> int:
+    """Delete the temp files that killed ``write_atomic`` calls left in ``directory``; returns how many.
+
+    Only names of write_atomic's pattern (``.<name>.<8 random chars>.tmp``) that are regular files are
+    touched, never a published file. Call it when no writer can be mid-write in ``directory`` (at start,
+    holding the trainer's lease), or pass ``older_than_s`` to spare files modified that recently. A
+    missing directory holds nothing: 0.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for entry in root.iterdir():
+        if not _TEMP_FILE.match(entry.name):
+            continue
+        try:
+            st = entry.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime > cutoff:  # not a symlink, not a directory
+                continue
+            entry.unlink()
+        except FileNotFoundError:  # its writer finished (renamed it) or someone else removed it
+            continue
+        removed += 1
+    if removed:
+        logger.info("removed %d temp file(s) of interrupted writes in %s", removed, root)
+    return removed
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
