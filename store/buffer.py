@@ -160,6 +160,7 @@ class SampleBuffer:
                 "ingested": c.get("ingested", 0),
                 "duplicates": c.get("duplicates", 0),
                 "evicted": c.get("evicted", 0),
+                "quarantined": c.get("quarantined", 0),
             },
             "validation": {"count": count, "version": version},
             "trainer": {
@@ -169,6 +170,28 @@ class SampleBuffer:
                 "updated_at": t.get("updated_at"),
             },
         }
+
+    async def quarantined(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` newest quarantined samples, newest first: id, source, reason, the trainer step and
+        time (ISO 8601, UTC) it was quarantined at, and the sample as it was posted."""
+        from datetime import UTC, datetime
+
+        entries = await self.r.xrevrange(self.k.quarantine, count=limit)
+        out = []
+        for entry_id, fields in entries:
+            f = {k.decode(): v for k, v in fields.items()}
+            ms = int(entry_id.decode().split("-", 1)[0])
+            out.append(
+                {
+                    "id": f["id"].decode(),
+                    "source": f["source"].decode(),
+                    "reason": f["reason"].decode(),
+                    "step": int(f["step"]),
+                    "quarantined_at": datetime.fromtimestamp(ms / 1000, UTC).isoformat(),
+                    "sample": orjson.loads(f["payload"]),
+                }
+            )
+        return out
 
     async def weights_doc(self) -> dict[str, Any] | None:
         raw = await self.r.get(self.k.weights)

@@ -30,11 +30,14 @@ def checkpoint_path(data_dir: str | os.PathLike[str], version: int) -> Path:
     return Path(data_dir) / CHECKPOINT_DIR / f"v{version:08d}{CHECKPOINT_SUFFIX}"
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> str:
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> str:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     Temp file in the same directory -> write, flush, fsync -> os.replace -> fsync the directory (so the
     rename itself survives a crash). Creates missing parent directories. Returns the hex sha256 of ``data``.
+    With ``replace=False`` an existing ``path`` is never replaced: the temp file is hard-linked to its
+    final name, which fails atomically with FileExistsError when the name is taken (a published
+    checkpoint is immutable, whoever else writes).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +48,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; checkpoints are meant to be read by others
-        os.replace(tmp_name, target)
+        if replace:
+            os.replace(tmp_name, target)
+        else:
+            os.link(tmp_name, target)  # link(2) never overwrites: EEXIST when the name is taken
+            os.unlink(tmp_name)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -1,5 +1,7 @@
 """The trainer's side of the buffer (synchronous redis-py): the ingest stream through a consumer group,
-payload fetches, the validation set, and publishing weights and status for the API.
+payload fetches, the validation set, and publishing weights, status, checkpoint versions and the
+quarantine for the API. Every write is fenced by the trainer lease (``store.lease``): a trainer that lost
+its lease raises ``LeaseLost`` instead of writing.
 
 Delivery is at-least-once: an entry stays pending until ``ack``; entries pending on a consumer that died
 are taken over with ``claim_stale`` (XAUTOCLAIM), and a restarted consumer of the same name re-reads its
@@ -16,7 +18,12 @@ from typing import Any
 import orjson
 import redis
 
+from store import scripts
 from store.keys import FRESH_BASE, TRAINER_GROUP, Keys
+from store.lease import TrainerLease
+
+QUARANTINE_MAXLEN = 10_000
+"""The quarantine stream keeps about this many of the newest entries; its counter counts every one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +51,17 @@ def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
 
 
 class TrainerFeed:
-    def __init__(self, client: redis.Redis, keys: Keys, consumer: str = "trainer-0") -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, consumer: str = "trainer-0", lease_ttl_s: float = 30.0
+    ) -> None:
         self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys
         self.consumer = consumer
+        self.lease = TrainerLease(client, keys, lease_ttl_s)
+        self._ranks = self.r.register_script(scripts.FENCED_RANKS)
+        self._status = self.r.register_script(scripts.FENCED_STATUS)
+        self._reserve = self.r.register_script(scripts.FENCED_RESERVE_VERSION)
+        self._quarantine = self.r.register_script(scripts.FENCED_QUARANTINE)
 
     def ensure_group(self) -> None:
         """Create the consumer group at the stream's start, so samples accepted earlier are delivered."""
@@ -58,10 +72,17 @@ class TrainerFeed:
                 raise
 
     def read_new(self, count: int, block_ms: int | None = None) -> list[StreamEntry]:
-        """Entries never delivered to any consumer of the group."""
-        res = self.r.xreadgroup(
-            TRAINER_GROUP, self.consumer, {self.k.ingest: ">"}, count=count, block=block_ms
-        )
+        """Entries never delivered to any consumer of the group (the group is made again if Redis lost
+        it: a restart without persistence)."""
+        try:
+            res = self.r.xreadgroup(
+                TRAINER_GROUP, self.consumer, {self.k.ingest: ">"}, count=count, block=block_ms
+            )
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self.ensure_group()
+            return []
         return _entries(res[0][1]) if res else []
 
     def read_pending(self, count: int, after: str = "0") -> list[StreamEntry]:
@@ -129,18 +150,40 @@ class TrainerFeed:
     def publish_weights(
         self, doc: dict[str, Any], ordinals: Sequence[int], weights: Sequence[float], chunk: int = 20_000
     ) -> None:
-        """Publish per-sample weights into the rank zset (existing members only) and the summary document.
+        """Publish per-sample weights into the rank zset (existing members only) and the summary document,
+        under the lease.
 
         ZADD XX never re-adds a sample that the API evicted meanwhile. Weights are capped below FRESH_BASE.
         """
+        cap = FRESH_BASE / 2
         for i in range(0, len(ordinals), chunk):
-            mapping = {
-                str(int(o)): min(float(w), FRESH_BASE / 2)
-                for o, w in zip(ordinals[i : i + chunk], weights[i : i + chunk], strict=True)
-            }
-            if mapping:
-                self.r.zadd(self.k.rank, mapping, xx=True)
-        self.r.set(self.k.weights, json.dumps(doc))
+            args: list[Any] = []
+            for o, w in zip(ordinals[i : i + chunk], weights[i : i + chunk], strict=True):
+                args += (min(float(w), cap), int(o))
+            if args:
+                self.lease.fenced(self._ranks, [self.k.rank], args)
+        self.lease.fenced(self._status, [self.k.weights, self.k.trainer], [json.dumps(doc)])
 
     def set_status(self, **fields: Any) -> None:
-        self.r.hset(self.k.trainer, mapping={k: str(v) for k, v in fields.items()})
+        args: list[Any] = [""]
+        for k, v in fields.items():
+            args += (k, str(v))
+        self.lease.fenced(self._status, [self.k.weights, self.k.trainer], args)
+
+    def reserve_checkpoint_version(self, floor: int) -> int:
+        """The next checkpoint version, above ``floor`` and every version reserved before, under the lease:
+        reserved before its file is written, so no two trainers ever write one version."""
+        return int(self.lease.fenced(self._reserve, [self.k.checkpoint_version], [int(floor)]))
+
+    def quarantine(
+        self, ordinals: Sequence[int], sources: Sequence[str], reasons: Sequence[str], step: int
+    ) -> int:
+        """Move samples the trainer cannot use out of the buffer into the quarantine stream (with their
+        reasons), under the lease; returns how many were still stored (and are now counted)."""
+        args: list[Any] = [QUARANTINE_MAXLEN, int(step)]
+        for o, src, why in zip(ordinals, sources, reasons, strict=True):
+            args += (int(o), src, why[:1000])
+        if len(args) == 2:
+            return 0
+        keys = [self.k.samples, self.k.rank, self.k.ids, self.k.quarantine, self.k.counters]
+        return int(self.lease.fenced(self._quarantine, keys, args))

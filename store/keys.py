@@ -8,11 +8,17 @@ A reader can list the whole Redis layout from this file:
     {p}:ingest         stream  one entry per accepted sample: o=<ordinal> s=<source> g=<content group>
     {p}:rank           zset    ordinal -> eviction/ranking score: the published weight, or
                                FRESH_BASE + ordinal for samples the trainer has not weighted yet
-    {p}:counters       hash    ingested, duplicates, evicted
+    {p}:counters       hash    ingested, duplicates, evicted, quarantined
     {p}:val:samples    list    validation payloads (orjson)
     {p}:val:version    string  validation-set version (INCR on every PUT/POST)
     {p}:weights        string  JSON document the trainer publishes for GET /v1/weights
     {p}:trainer        hash    trainer status: step, steps_per_s, val_loss, updated_at, pid
+    {p}:quarantine     stream  samples the trainer could not use (capped): id, source, ordinal, reason,
+                               step, payload; their payloads left the samples hash and the rank zset
+    {p}:trainer:lease  string  "<fencing token> <host> <pid>" of the trainer that may write, with a TTL
+    {p}:trainer:fence  string  the last fencing token handed out (INCR; only grows)
+    {p}:checkpoint:version string  the last checkpoint version reserved (a version is reserved, under the
+                               lease, before its file is written)
 
 The prefix ``p`` defaults to ``dd``. All keys of one deployment share the hash tag ``{p}`` so that a Redis
 Cluster keeps them in one slot (Lua scripts touch several of them at once).
@@ -76,6 +82,22 @@ class Keys:
     def trainer(self) -> str:
         return self._k("trainer")
 
+    @property
+    def quarantine(self) -> str:
+        return self._k("quarantine")
+
+    @property
+    def lease(self) -> str:
+        return self._k("trainer:lease")
+
+    @property
+    def fence(self) -> str:
+        return self._k("trainer:fence")
+
+    @property
+    def checkpoint_version(self) -> str:
+        return self._k("checkpoint:version")
+
     def all(self) -> list[str]:
         """Every key of this deployment (for tests and resets)."""
         return [
@@ -89,4 +111,8 @@ class Keys:
             self.val_version,
             self.weights,
             self.trainer,
+            self.quarantine,
+            self.lease,
+            self.fence,
+            self.checkpoint_version,
         ]

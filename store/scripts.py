@@ -86,3 +86,130 @@ end
 local version = redis.call('INCR', KEYS[2])
 return {redis.call('LLEN', KEYS[1]), version}
 """
+
+# --- the trainer's lease (one writer at a time) and the writes it fences --------------------------------
+# A lease value is "<fencing token> <host> <pid>". Every trainer write below first checks that the lease
+# still holds the caller's value and otherwise fails with the error "NOLEASE <current value>", so a trainer
+# that lost its lease (paused past the TTL, partitioned) can never publish over its successor's work: the
+# fencing-token scheme of Kleppmann, "How to do distributed locking" (2016), with Redis as the store that
+# checks the token.
+
+_FENCE_CHECK = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then return redis.error_reply('NOLEASE ' .. (holder or '')) end
+"""
+
+LEASE_ACQUIRE = """
+-- Take the trainer lease if it is free (or held by ARGV[4], a holder known to be dead).
+-- KEYS[1] = lease   KEYS[2] = fence counter
+-- ARGV[1] = TTL (ms)   ARGV[2] = "<host> <pid>"   ARGV[3] = the caller's previous token, or 0
+-- ARGV[4] = a dead holder's exact lease value to take over, or ""
+-- returns {token, value}; {0, current value} when another holds it; {-1, fence} when the caller held it
+-- before (ARGV[3] > 0) and someone else has held it since: the caller's state is stale
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[4] then return {0, cur} end
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+local prev = tonumber(ARGV[3])
+if prev > 0 and fence > prev then return {-1, tostring(fence)} end
+if prev > fence then fence = prev end  -- the counter was lost (a Redis without persistence restarted)
+fence = fence + 1
+redis.call('SET', KEYS[2], fence)
+local value = fence .. ' ' .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[1])
+return {fence, value}
+"""
+
+LEASE_RENEW = """
+-- KEYS[1] = lease   ARGV[1] = the caller's lease value   ARGV[2] = TTL (ms)
+-- returns 1 renewed, 0 the lease is gone (expired or lost with Redis's data), -1 another trainer holds it
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not cur then return 0 end
+return -1
+"""
+
+LEASE_RELEASE = """
+-- KEYS[1] = lease   ARGV[1] = the caller's lease value; deletes it only if it is still the caller's
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+FENCED_RANKS = (
+    """
+-- Publish per-sample weights into the rank zset (existing members only: ZADD XX never re-adds a sample
+-- the API evicted meanwhile), under the lease.
+-- KEYS[1] = lease   KEYS[2] = rank zset   ARGV[1] = lease value   ARGV[2..] = score, member pairs
+"""
+    + _FENCE_CHECK
+    + """
+local CHUNK = 1000  -- pairs per ZADD: unpack() has a stack limit
+for i = 2, #ARGV, 2 * CHUNK do
+  redis.call('ZADD', KEYS[2], 'XX', unpack(ARGV, i, math.min(i + 2 * CHUNK - 1, #ARGV)))
+end
+return 1
+"""
+)
+
+FENCED_STATUS = (
+    """
+-- The weights document and the trainer's status hash, under the lease.
+-- KEYS[1] = lease   KEYS[2] = weights document   KEYS[3] = trainer status hash
+-- ARGV[1] = lease value   ARGV[2] = the document ("" to leave it)   ARGV[3..] = status field, value pairs
+"""
+    + _FENCE_CHECK
+    + """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
+if #ARGV > 2 then redis.call('HSET', KEYS[3], unpack(ARGV, 3)) end
+return 1
+"""
+)
+
+FENCED_RESERVE_VERSION = (
+    """
+-- Reserve the next checkpoint version, under the lease, before its file is written: two trainers can
+-- never write the same version.
+-- KEYS[1] = lease   KEYS[2] = last reserved version   ARGV[1] = lease value
+-- ARGV[2] = floor: the newest version known elsewhere (database rows, files on disk)
+-- returns the reserved version (> floor and > every version reserved before)
+"""
+    + _FENCE_CHECK
+    + """
+local v = tonumber(redis.call('GET', KEYS[2]) or '0')
+local floor = tonumber(ARGV[2])
+if floor > v then v = floor end
+v = v + 1
+redis.call('SET', KEYS[2], v)
+return v
+"""
+)
+
+FENCED_QUARANTINE = (
+    """
+-- Quarantine samples the trainer cannot use: each leaves the buffer (payload, rank, id) and is listed,
+-- with its reason, in the capped quarantine stream; counters.quarantined counts those still stored.
+-- KEYS[1] = lease   KEYS[2] = samples hash   KEYS[3] = rank zset   KEYS[4] = ids hash
+-- KEYS[5] = quarantine stream   KEYS[6] = counters hash
+-- ARGV[1] = lease value   ARGV[2] = stream MAXLEN (approximate)   ARGV[3] = trainer step
+-- ARGV[4 + 3k .. 6 + 3k] = ordinal, source, reason of sample k
+-- returns how many were quarantined (a sample already evicted is not)
+"""
+    + _FENCE_CHECK
+    + """
+local n = 0
+for b = 4, #ARGV, 3 do
+  local o = ARGV[b]
+  local payload = redis.call('HGET', KEYS[2], o)
+  if payload then
+    local id = string.match(payload, '^{"id":"([^"]*)"') or ''
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'source', ARGV[b + 1],
+      'ordinal', o, 'reason', ARGV[b + 2], 'step', ARGV[3], 'payload', payload)
+    redis.call('HDEL', KEYS[2], o)
+    redis.call('ZREM', KEYS[3], o)
+    if id ~= '' then redis.call('HDEL', KEYS[4], id) end
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[6], 'quarantined', n) end
+return n
+"""
+)

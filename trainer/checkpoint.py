@@ -55,10 +55,11 @@ def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model: TrainModel, meta: Mapping[str, Any]
+    path: str | os.PathLike[str], model: TrainModel, meta: Mapping[str, Any], *, replace: bool = True
 ) -> tuple[str, int]:
     """Write ``model`` atomically to ``path``; ``meta`` needs ``step`` and ``version`` (ints) and may
-    carry ``settings`` (JSON-able dict) and other JSON-able keys. Returns (file sha256 hex, size)."""
+    carry ``settings`` (JSON-able dict) and other JSON-able keys. Returns (file sha256 hex, size).
+    With ``replace=False`` an existing file is never replaced (FileExistsError instead)."""
     for key in ("step", "version"):
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -80,7 +81,7 @@ def save_checkpoint(
         if key not in ("step", "version", "settings"):
             metadata[PREFIX + key] = json.dumps(value, sort_keys=True, default=str)
     data = safetensors.torch.save(tensors, metadata=metadata)
-    digest = write_atomic(path, data)
+    digest = write_atomic(path, data, replace=replace)
     logger.info("checkpoint v%s (step %s) -> %s, %d bytes", meta["version"], meta["step"], path, len(data))
     return digest, len(data)
 
@@ -170,15 +171,31 @@ def load_checkpoint(
     return LoadedModel(module, metadata, p)
 
 
-def _read_metadata(p: Path, data: bytes) -> dict[str, str]:
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A checkpoint file's datadiet header metadata (framing checked, tensors not read). Raises
+    CheckpointError as ``load_checkpoint`` does."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            data = head + f.read(min(n, _MAX_HEADER))
+            size = p.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint: {e}") from e
+    return _read_metadata(p, data, size)
+
+
+def _read_metadata(p: Path, data: bytes, size: int | None = None) -> dict[str, str]:
     """Check the safetensors framing ourselves, for errors that say what is wrong; -> header metadata."""
-    if len(data) < 8:
-        raise CheckpointError(f"{p}: truncated: {len(data)} bytes, less than the 8-byte header length")
+    size = len(data) if size is None else size  # the file's length (data may hold just the header)
+    if size < 8:
+        raise CheckpointError(f"{p}: truncated: {size} bytes, less than the 8-byte header length")
     n = int.from_bytes(data[:8], "little")
     if n == 0 or n > _MAX_HEADER:
         raise CheckpointError(f"{p}: garbled header length {n}; not a safetensors file")
-    if 8 + n > len(data):
-        raise CheckpointError(f"{p}: truncated: header says {n} bytes, file has {len(data) - 8} after it")
+    if 8 + n > size:
+        raise CheckpointError(f"{p}: truncated: header says {n} bytes, file has {size - 8} after it")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -199,6 +216,6 @@ def _read_metadata(p: Path, data: bytes) -> dict[str, str]:
         end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: garbled tensor entries in the header: {e}") from e
-    if 8 + n + end > len(data):
-        raise CheckpointError(f"{p}: truncated: data section needs {end} bytes, has {len(data) - 8 - n}")
+    if 8 + n + end > size:
+        raise CheckpointError(f"{p}: truncated: data section needs {end} bytes, has {size - 8 - n}")
     return meta

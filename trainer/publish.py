@@ -1,10 +1,16 @@
 """Everything the trainer makes visible to others, in one place (rank 0's work in data-parallel runs):
 per-sample and per-source weights and status in Redis, checkpoints (file, resumable state, SQL row) and
 weight snapshots in SQL, and the progress line on the terminal.
+
+Every Redis write is fenced by the trainer lease (store.lease). A checkpoint is written in two halves so a
+database outage never loses one: ``write_checkpoint`` (version reserved under the lease, file and state on
+disk) and ``register_pending`` (the SQL row, retried until the database answers; files left unregistered
+by a stopped trainer are adopted at the next start, ``adopt_unregistered``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -15,10 +21,10 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from store.checkpoints import checkpoint_path
+from store.checkpoints import CHECKPOINT_DIR, CHECKPOINT_SUFFIX, checkpoint_path, sha256_file
 from store.feed import TrainerFeed
-from store.meta import Checkpoint, WeightSnapshot, next_checkpoint_version
-from trainer.checkpoint import save_checkpoint
+from store.meta import Checkpoint, WeightSnapshot, latest_checkpoint
+from trainer.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from trainer.models.base import TrainModel
 from trainer.state import TrainerState, prune_states, save_state
 from trainer.table import WeightTable
@@ -68,6 +74,10 @@ class Publisher:
         self.interval = publish_every_s
         self.last_publish = 0.0
         self.last_doc: dict[str, Any] | None = None
+        self.known_version = 0  # the newest checkpoint version the database is known to hold
+        # checkpoints written whose SQL rows are not in yet (the database was unavailable): row values and
+        # the weight snapshot, oldest first
+        self.pending: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
 
     def due(self) -> bool:
         return time.monotonic() - self.last_publish >= self.interval
@@ -91,31 +101,108 @@ class Publisher:
         self.last_publish = time.monotonic()
         self.last_doc = doc
 
-    def checkpoint(
+    def write_checkpoint(
         self, model: TrainModel, state: TrainerState, metrics: dict[str, Any], settings: dict[str, Any]
-    ) -> Checkpoint:
-        """Publish a checkpoint: model file, resumable state, then the SQL row that makes it visible."""
-        with Session(self.engine) as session:
-            version = next_checkpoint_version(session)
-        path = checkpoint_path(self.data_dir, version)
-        sha, size = save_checkpoint(
-            path, model, {"step": state.step, "version": version, "settings": settings}
-        )
+    ) -> dict[str, Any]:
+        """Write a checkpoint's file and resumable state; returns its SQL row's values, queued for
+        ``register_pending`` (the row is what makes it visible).
+
+        The version is reserved in Redis under the trainer lease before the file is written, and the file
+        never replaces one already there: two trainers can never write, or advertise, one version twice.
+        Raises LeaseLost (store.lease) when another trainer holds the lease, and Redis errors."""
+        floor = max(self.known_version, newest_version_on_disk(self.data_dir))
+        while True:
+            version = self.feed.reserve_checkpoint_version(floor)
+            path = checkpoint_path(self.data_dir, version)
+            meta = {"step": state.step, "version": version, "settings": settings, "metrics": metrics}
+            try:
+                sha, size = save_checkpoint(path, model, meta, replace=False)
+                break
+            except FileExistsError:  # a version some earlier writer took without Redis knowing
+                log.warning("checkpoint v%d exists already: reserving another version", version)
+                floor = version
         save_state(self.data_dir, version, state)
-        row = Checkpoint(
-            version=version,
-            step=state.step,
-            sha256=sha,
-            size=size,
-            path=str(path.resolve()),
-            model_kind=model.kind,
-            config=model.config,
-            metrics=metrics,
-        )
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            session.add(row)
-            if self.last_doc is not None:
-                doc = self.last_doc
-                session.add(WeightSnapshot(step=state.step, sources=doc["sources"], summary=doc["summary"]))
-        prune_states(self.data_dir, version)
-        return row
+        values = {
+            "version": version,
+            "step": state.step,
+            "sha256": sha,
+            "size": size,
+            "path": str(path.resolve()),
+            "model_kind": model.kind,
+            "config": model.config,
+            "metrics": metrics,
+        }
+        doc = self.last_doc
+        snapshot = {"step": state.step, "sources": doc["sources"], "summary": doc["summary"]} if doc else None
+        self.pending.append((values, snapshot))
+        return values
+
+    def register_pending(self) -> int:
+        """Insert the SQL rows of checkpoints written since the database last answered (oldest first);
+        returns how many. Raises the database's errors (the rows stay queued)."""
+        done = 0
+        while self.pending:
+            values, snapshot = self.pending[0]
+            with Session(self.engine) as session, session.begin():
+                if session.get(Checkpoint, values["version"]) is None:
+                    session.add(Checkpoint(**values))
+                if snapshot is not None:
+                    session.add(WeightSnapshot(**snapshot))
+            self.pending.pop(0)
+            self.known_version = max(self.known_version, values["version"])
+            prune_states(self.data_dir, values["version"])
+            done += 1
+        return done
+
+    def refresh_known_version(self) -> int:
+        """The newest checkpoint version in the database (raises its errors)."""
+        with Session(self.engine) as session:
+            row = latest_checkpoint(session)
+        self.known_version = max(self.known_version, row.version if row else 0)
+        return self.known_version
+
+    def adopt_unregistered(self) -> int:
+        """Register checkpoint files on disk that are newer than the database's newest row (written while
+        the database was unavailable, then the trainer stopped); returns how many. Raises its errors."""
+        with Session(self.engine) as session:
+            row = latest_checkpoint(session)
+        newest = row.version if row else 0
+        adopted = 0
+        for version, path in sorted(checkpoint_files(self.data_dir).items()):
+            if version <= newest:
+                continue
+            try:
+                meta = read_metadata(path)
+                values = {
+                    "version": version,
+                    "step": int(meta["datadiet.step"]),
+                    "sha256": sha256_file(path),
+                    "size": path.stat().st_size,
+                    "path": str(path.resolve()),
+                    "model_kind": meta["datadiet.kind"],
+                    "config": json.loads(meta["datadiet.config"]),
+                    "metrics": json.loads(meta.get("datadiet.metrics", "{}")),
+                }
+            except (CheckpointError, OSError, ValueError, KeyError) as e:
+                log.warning("not registering %s: %s", path, e)
+                continue
+            self.pending.append((values, None))
+            adopted += 1
+        if adopted:
+            log.warning("registering %d checkpoint(s) written while the database was unavailable", adopted)
+        self.register_pending()
+        return adopted
+
+
+def checkpoint_files(data_dir: Path) -> dict[int, Path]:
+    """Published checkpoint files under ``data_dir`` by version (temp files are not)."""
+    out = {}
+    for f in (Path(data_dir) / CHECKPOINT_DIR).glob(f"v*{CHECKPOINT_SUFFIX}"):
+        digits = f.name[1 : -len(CHECKPOINT_SUFFIX)]
+        if digits.isdigit():
+            out[int(digits)] = f
+    return out
+
+
+def newest_version_on_disk(data_dir: Path) -> int:
+    return max(checkpoint_files(data_dir), default=0)

@@ -66,3 +66,17 @@ class TrainerSettings(Settings):
     read_count: int = Field(5_000, ge=1, description="stream entries read per poll")
     claim_idle_ms: int = Field(60_000, ge=1)
     consumer: str = "trainer-0"
+
+    # faults
+    lease_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds the trainer lease lasts unrenewed: how soon a second trainer "
+        "takes over from one that hung (one that died on this host is taken over at once)",
+    )
+    lease_wait: bool = Field(
+        True, description="a second trainer waits for the lease; false: it exits with status 75 at once"
+    )
+    max_backoff_s: float = Field(
+        30.0, gt=0, description="the longest wait between retries of an unavailable Redis or database"
+    )

@@ -162,15 +162,16 @@ class WeightTable:
         self.fresh.extend(rows)
         return rows
 
-    def kill(self, rows: np.ndarray) -> None:
-        """Mark rows whose samples were evicted from the buffer."""
+    def kill(self, rows: np.ndarray, *, evicted: bool = True) -> None:
+        """Mark rows dead: their samples were evicted from the buffer (counted in ``evicted``), or
+        quarantined (``evicted=False``)."""
         rows = np.asarray(rows, dtype=np.int64)
         rows = np.unique(rows[self.cols["alive"][rows]])
         if len(rows):
             self.cols["alive"][rows] = False
             self.cols["weight"][rows] = 0
             self.tree.update(rows, np.zeros(len(rows)))
-            self.evicted += len(rows)
+            self.evicted += len(rows) if evicted else 0
             self._live -= len(rows)
 
     def compact(self) -> np.ndarray | None:
@@ -224,13 +225,17 @@ class WeightTable:
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
         arrays["fresh"] = self.fresh.array()
+        arrays["sampling"] = self.tree.values()[: self.n]  # the draw probabilities, exactly as they were
         info = {"sources": self.sources, "cohorts": self.source_cohorts, "cohort": self.cohort}
-        return arrays, {**info, "evicted": self.evicted}
+        sizes = {"capacity": len(self.cols["alive"]), "tree_capacity": self.tree.capacity}
+        return arrays, {**info, **sizes, "evicted": self.evicted}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> WeightTable:
         n = len(arrays["ordinal"])
-        t = cls(max(1024, n))
+        t = cls(max(1024, n, int(info.get("capacity", 0))))
+        # the same tree shape as the saved run's: its sums, and so its draws, come out bit for bit the same
+        t.tree = SumTree(max(len(t.cols["alive"]), int(info.get("tree_capacity", 0))))
         for k in _FIELDS:
             t.cols[k][:n] = arrays[k]
         t.n = n
@@ -242,7 +247,10 @@ class WeightTable:
         t.cohort = int(info.get("cohort", 0))
         t.evicted = int(info.get("evicted", 0))
         t.fresh = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
-        t.set_sampling(np.where(t.alive, np.maximum(t.weight, 1e-6), 0.0))
+        if "sampling" in arrays and len(arrays["sampling"]) == n:
+            t.set_sampling(np.asarray(arrays["sampling"], dtype=np.float64))
+        else:  # a state saved before the sampling column was
+            t.set_sampling(np.where(t.alive, np.maximum(t.weight, 1e-6), 0.0))
         return t
 
 

@@ -1,0 +1,29 @@
+"""``GET /v1/quarantine``: samples the trainer could not use, with the reason each was set aside.
+
+A sample is quarantined when it fails to collate for the model, or its loss or gradient is not finite
+(CONTRACT.md, "quarantined"): the trainer acknowledges it, never trains on it, counts it in
+``/v1/stats`` (``buffer.quarantined``) and lists it here; training goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+
+from app.auth import require
+from app.deps import BufferDep
+
+router = APIRouter(prefix="/v1/quarantine", tags=["quarantine"], dependencies=[require("read")])
+
+
+@router.get("")
+async def list_quarantine(
+    *,
+    buffer: BufferDep,
+    limit: int = Query(100, ge=1, le=1000, description="newest first, at most this many"),
+) -> dict[str, Any]:
+    """``{"count": n, "samples": [{"id", "source", "reason", "step", "quarantined_at", "sample"}]}``:
+    the total ever quarantined and the ``limit`` newest (the list keeps about the newest 10,000)."""
+    stats = await buffer.stats()
+    return {"count": stats["buffer"]["quarantined"], "samples": await buffer.quarantined(limit)}
