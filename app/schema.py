@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,28 +22,73 @@ import orjson
 from app.errors import ValidationError
 from store.buffer import SampleRecord
 
-ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+ID_RE = re.compile(ID_PATTERN)
 MAX_SAMPLES_PER_REQUEST = 10_000
 MAX_TEXT_BYTES = 8_192
 MAX_META_BYTES = 4_096
+MAX_JSON_DEPTH = 64  # levels of objects/arrays in meta: orjson.dumps refuses past 254, repr near 1,000
+MAX_VECTOR_LENGTH = 4_096  # numbers in an input when the model kind names no n_features
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028234663852886e38: torch refuses to cast beyond it
+INT64_MAX = 2**63 - 1  # a class label becomes an int64 tensor
+INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson reads exactly; beyond, it reads a float and drops digits
 MAX_REPORTED_ERRORS = 20
+MAX_SHOWN = 60  # characters of a value or a field name quoted in an error message
 SIMHASH_BITS = 128  # near-duplicate vectors: the signs of this many fixed random projections agree
 SIMHASH_SEED = 0x5EED  # the projections are the same in every process and release: groups are stable
 FIELDS = frozenset({"id", "source", "input", "target", "reward", "meta"})
 
-# The request body as OpenAPI shows it (the handler parses and checks the body itself, for speed).
-INGEST_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["samples"],
-                "properties": {"samples": {"type": "array", "minItems": 1, "maxItems": 10000}},
-            }
-        }
+_ID_SCHEMA = {"type": "string", "pattern": f"^{ID_PATTERN}$", "minLength": 1, "maxLength": 128}
+_SAMPLE_PROPERTIES: dict[str, Any] = {
+    "id": {**_ID_SCHEMA, "description": "default: sha256 of the canonical JSON of (source, input, target)"},
+    "source": _ID_SCHEMA,
+    "input": {
+        "description": "text models: a string of at most 8,192 UTF-8 bytes; mlp: exactly n_features "
+        f"numbers, each within float32's range (other kinds: at most {MAX_VECTOR_LENGTH} numbers)",
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX},
+            },
+        ],
+    },
+    "target": {
+        "description": "text models: a string of at most 8,192 UTF-8 bytes; mlp: a class in [0, n_classes)",
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+        ],
+    },
+    "reward": {"type": ["number", "null"], "description": "finite; an outcome signal"},
+    "meta": {
+        "type": ["object", "null"],
+        "description": f"stored and returned, never interpreted; at most {MAX_META_BYTES} bytes as JSON, "
+        f"{MAX_JSON_DEPTH} levels deep, integers within 64 bits",
     },
 }
+
+
+def _samples_body(required: list[str], max_items: int | None) -> dict[str, Any]:
+    """The OpenAPI request body of a list of samples (the handlers parse and check it by hand, for speed)."""
+    sample = {"type": "object", "additionalProperties": False, "required": required}
+    samples: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {**sample, "properties": _SAMPLE_PROPERTIES},
+    }
+    if max_items is not None:
+        samples["maxItems"] = max_items
+    schema = {"type": "object", "additionalProperties": False, "required": ["samples"]}
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {**schema, "properties": {"samples": samples}}}},
+    }
+
+
+INGEST_BODY = _samples_body(["source", "input", "target"], MAX_SAMPLES_PER_REQUEST)
+VALIDATION_BODY = _samples_body(["input", "target"], None)  # at most DATADIET_VALIDATION_MAX_SAMPLES in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +152,42 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: bounded, and never recursive (``repr`` of an array nested
+    ~1,000 levels raises, and a big one would fill the response): containers by their kind alone."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = repr(value)  # ASCII escapes for a lone surrogate: the response stays encodable
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+def _name(key: str) -> str:
+    """A field name as an error names it: at most MAX_SHOWN characters, a lone surrogate escaped."""
+    key = key if len(key) <= MAX_SHOWN else key[:MAX_SHOWN] + "..."
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _names(keys: set[str]) -> str:
+    shown = [_name(k) for k in sorted(keys)[:5]]
+    return f"{shown}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels (a walk without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        for c in children:
+            if isinstance(c, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((c, depth + 1))
+    return False
+
+
 def _check_text(value: Any, what: str) -> str | None:
     if not isinstance(value, str):
         return f"{what} must be a string for this model kind, got {type(value).__name__}"
@@ -124,11 +206,15 @@ def _check_input(value: Any, spec: InputSpec) -> str | None:
         return f"input must be an array of numbers for this model kind, got {type(value).__name__}"
     if spec.n_features is not None and len(value) != spec.n_features:
         return f"input has {len(value)} numbers; this model takes exactly {spec.n_features}"
+    if spec.n_features is None and len(value) > MAX_VECTOR_LENGTH:
+        return f"input has {len(value)} numbers; the limit is {MAX_VECTOR_LENGTH}"
     if not value:
         return "input must not be empty"
     for j, x in enumerate(value):
         if not _is_number(x) or not math.isfinite(x):
-            return f"input[{j}] must be a finite number, got {x!r}"
+            return f"input[{j}] must be a finite number, got {_show(x)}"
+        if not -FLOAT32_MAX <= x <= FLOAT32_MAX:  # the model casts to float32, which overflows beyond
+            return f"input[{j}] = {_show(x)} is outside float32's finite range (magnitude <= {FLOAT32_MAX!r})"
     return None
 
 
@@ -136,11 +222,13 @@ def _check_target(value: Any, spec: InputSpec) -> str | None:
     if spec.kind == "text" or (spec.kind == "any" and isinstance(value, str)):
         return _check_text(value, "target")
     if not isinstance(value, int) or isinstance(value, bool):
-        return f"target must be an integer class for this model kind, got {value!r}"
+        return f"target must be an integer class for this model kind, got {_show(value)}"
     if spec.n_classes is not None and not 0 <= value < spec.n_classes:
         return f"target {value} is outside [0, {spec.n_classes})"
     if value < 0:
         return f"target {value} must not be negative"
+    if value > INT64_MAX:  # a class label becomes an int64 tensor
+        return f"target {value} is beyond int64 (at most {INT64_MAX})"
     return None
 
 
@@ -150,7 +238,7 @@ def _check_sample(s: Any, spec: InputSpec, require_source: bool) -> tuple[str, s
         return "", f"a sample must be an object, got {type(s).__name__}"
     unknown = s.keys() - FIELDS
     if unknown:
-        return sorted(unknown)[0], f"unknown field(s) {sorted(unknown)}; allowed: {sorted(FIELDS)}"
+        return _name(min(unknown)), f"unknown field(s) {_names(unknown)}; allowed: {sorted(FIELDS)}"
     if "id" in s and (not isinstance(s["id"], str) or not ID_RE.fullmatch(s["id"])):
         return "id", "id must be 1-128 characters of [A-Za-z0-9._:-]"
     if "source" in s or require_source:
@@ -170,41 +258,97 @@ def _check_sample(s: Any, spec: InputSpec, require_source: bool) -> tuple[str, s
     if "reward" in s and s["reward"] is not None:
         r = s["reward"]
         if not _is_number(r) or not math.isfinite(r):
-            return "reward", f"reward must be a finite number, got {r!r}"
+            return "reward", f"reward must be a finite number, got {_show(r)}"
     if "meta" in s and s["meta"] is not None:
         if not isinstance(s["meta"], dict):
             return "meta", "meta must be an object"
+        if _deeper_than(s["meta"], MAX_JSON_DEPTH):  # before orjson.dumps, which raises past 254 levels
+            return "meta", f"meta nests objects and arrays deeper than {MAX_JSON_DEPTH} levels"
         size = len(orjson.dumps(s["meta"]))
         if size > MAX_META_BYTES:
             return "meta", f"meta is {size} bytes as JSON; the limit is {MAX_META_BYTES}"
     return None
 
 
-def _has_non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return abs(value) > sys.float_info.max  # 1e999 written out as an integer
-    if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_non_finite(v) for v in value)
-    return False
+def _refused_by_strict_json(value: Any) -> str | None:
+    """What, in a leniently parsed value, strict JSON refused: NaN, Infinity or 1e999, or a string (or
+    key) that is not Unicode (a lone surrogate escape, which no UTF-8 text can hold). A walk without
+    recursion: the lenient parser nests as deep as Python's stack allows."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return "holds NaN, Infinity or a number beyond the float range"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
+            return "holds NaN, Infinity or a number beyond the float range"  # 1e999 written out as an integer
+        if isinstance(v, str) and not _is_unicode(v):
+            return "holds a string with a lone surrogate (\\ud800-\\udfff unpaired): it is not Unicode text"
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return None
 
 
-def non_finite_error(body: Any) -> ValidationError | None:
-    """For a body that strict JSON refused but a lenient parse read (NaN, Infinity, 1e999): the error
-    naming the first sample and field that holds such a number, or None when no sample does."""
+def _beyond_64_bits(value: Any) -> str | None:
+    """Whether an exactly parsed value holds an integer orjson would have rounded to a float."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool) and not INT_RANGE[0] <= v <= INT_RANGE[1]:
+            return f"holds an integer beyond 64 bits ({_show(v)}); send it as a string or a float"
+        if isinstance(v, dict):
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return None
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_field_error(body: Any, problem: Callable[[Any], str | None]) -> ValidationError | None:
+    """The 422 naming the first sample and field of ``body`` whose value has a ``problem``, or None."""
     samples = body.get("samples") if isinstance(body, dict) else None
     for i, s in enumerate(samples if isinstance(samples, list) else []):
         for field, value in s.items() if isinstance(s, dict) else ():
-            if _has_non_finite(value):
-                message = f"{field} holds NaN, Infinity or a number beyond the float range"
+            message = problem(value) or (problem(field) and "the field name is not Unicode text")
+            if message:
+                name = _name(field)
                 return ValidationError(
-                    f"samples[{i}].{field}: {message}; nothing was stored",
-                    errors=[{"index": i, "field": field, "message": message}],
+                    f"samples[{i}].{name}: {message}; nothing was stored",
+                    errors=[{"index": i, "field": name, "message": message}],
                 )
     return None
+
+
+def non_finite_error(body: Any) -> ValidationError | None:
+    """For a body that strict JSON refused but a lenient parse read: the error naming the first sample
+    and field that holds what strict JSON refuses (NaN, Infinity, 1e999, a lone surrogate), or None when
+    no sample does."""
+    return _first_field_error(body, _refused_by_strict_json)
+
+
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")  # the shortest integer orjson rounds, -(2**63) - 1, has 19 digits
+
+
+def wide_integer_error(raw: bytes | bytearray) -> ValidationError | None:
+    """For a body orjson parsed: orjson reads an integer beyond 64 bits as a float, silently dropping its
+    digits, so ``meta`` would not be returned as sent. The error naming the first sample and field that
+    holds one, or None. An exact second parse runs only when the bytes hold a run of 19 digits."""
+    if _LONG_DIGIT_RUN.search(raw) is None:
+        return None
+    try:
+        exact = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return _first_field_error(exact, _beyond_64_bits)
 
 
 def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[Any]:
@@ -213,7 +357,7 @@ def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[
         raise ValidationError('the body must be a JSON object {"samples": [...]}', field="body")
     extra = body.keys() - {"samples"}
     if extra:
-        raise ValidationError(f"unknown top-level field(s) {sorted(extra)}", field=sorted(extra)[0])
+        raise ValidationError(f"unknown top-level field(s) {_names(extra)}", field=_name(min(extra)))
     samples = body.get("samples")
     if not isinstance(samples, list):
         raise ValidationError('"samples" must be an array of samples', field="samples")

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from app.auth import require
 from app.deps import BufferDep, SpecDep, read_json
 from app.errors import NotFound
-from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
+from app.schema import ID_PATTERN, INGEST_BODY, samples_list, to_record, validate_samples
 
 router = APIRouter(prefix="/v1/samples", tags=["samples"])
 INGEST, ADMIN = [require("ingest")], [require("admin")]
+SampleId = Annotated[str, Path(pattern=f"^{ID_PATTERN}$", description="1-128 characters of [A-Za-z0-9._:-]")]
 
 
 @router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY}, dependencies=INGEST)
@@ -28,7 +29,7 @@ async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) ->
 
 
 @router.get("/{sample_id}", dependencies=ADMIN)
-async def get_sample(*, sample_id: str, buffer: BufferDep) -> dict[str, Any]:
+async def get_sample(*, sample_id: SampleId, buffer: BufferDep) -> dict[str, Any]:
     """One stored sample with its current weight (1.0 until the trainer has weighted it)."""
     doc = await buffer.get(sample_id)
     if doc is None:

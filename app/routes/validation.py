@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from app.auth import require
 from app.deps import BufferDep, EngineDep, SpecDep, read_json
 from app.errors import ValidationError
-from app.schema import INGEST_BODY, samples_list, to_record, validate_samples
+from app.schema import VALIDATION_BODY, samples_list, to_record, validate_samples
 from store.buffer import ValidationSetFull
 from store.meta import record_validation_version
 
@@ -38,7 +38,7 @@ async def _record(engine: EngineDep, version: int, count: int, mode: str) -> Non
         log.exception("could not record validation version %d", version)
 
 
-@router.put("", openapi_extra={"requestBody": INGEST_BODY})
+@router.put("", openapi_extra={"requestBody": VALIDATION_BODY})
 async def replace_validation(
     *, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep
 ) -> dict:
@@ -46,7 +46,7 @@ async def replace_validation(
     return await _write(request, buffer, spec, engine, append=False)
 
 
-@router.post("", openapi_extra={"requestBody": INGEST_BODY})
+@router.post("", openapi_extra={"requestBody": VALIDATION_BODY})
 async def append_validation(*, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep) -> dict:
     """Append samples to the validation set (a new version)."""
     return await _write(request, buffer, spec, engine, append=True)

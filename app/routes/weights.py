@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from app.auth import require
 from app.deps import BufferDep
 from app.errors import ValidationError
+from app.schema import ID_RE
 
 router = APIRouter(prefix="/v1/weights", tags=["weights"], dependencies=[require("read")])
 MAX_IDS = 10_000
@@ -30,7 +31,7 @@ async def get_weights(*, buffer: BufferDep) -> dict[str, Any]:
 async def get_sample_weights(
     *,
     buffer: BufferDep,
-    ids: str | None = Query(None, description="comma-separated sample ids"),
+    ids: str | None = Query(None, pattern=r"^[A-Za-z0-9._:,-]*$", description="comma-separated sample ids"),
     order: Literal["asc", "desc"] | None = Query(None, description="lowest (asc) or highest (desc) first"),
     limit: int = Query(10, ge=1, le=10_000),
 ) -> dict[str, Any]:
@@ -41,6 +42,9 @@ async def get_sample_weights(
         wanted = [i for i in ids.split(",") if i]
         if len(wanted) > MAX_IDS:
             raise ValidationError(f"at most {MAX_IDS} ids per request, got {len(wanted)}", field="ids")
+        if (bad := next((i for i in wanted if not ID_RE.fullmatch(i)), None)) is not None:
+            shown = bad if len(bad) <= 40 else bad[:40] + "..."
+            raise ValidationError(f"ids: {shown!r} is not 1-128 characters of [A-Za-z0-9._:-]", field="ids")
         return {"step": step, "weights": await buffer.weights_of(wanted)}
     if order is None:
         raise ValidationError("give either ids=a,b,c or order=asc|desc (with limit)", field="ids")
