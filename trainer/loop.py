@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from store.checkpoints import remove_stale_temp_files
 from store.feed import StreamEntry, TrainerFeed
 from store.lease import LeaseLost
-from store.meta import latest_checkpoint
+from store.meta import Checkpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.hypergrad import GhostScorer, val_grad
 from trainer.models import build_model
@@ -42,7 +43,7 @@ from trainer.outage import DATABASE_ERRORS, REDIS_ERRORS, Dependency
 from trainer.publish import Publisher
 from trainer.quarantine import collate_failures, parameters_finite, unusable
 from trainer.settings import TrainerSettings
-from trainer.state import TrainerState, load_state
+from trainer.state import TrainerState, load_state, state_paths
 from trainer.table import WeightTable
 from trainer.weighting import make_weighting
 from trainer.weighting.base import COEF_FLOOR
@@ -132,9 +133,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ start-up
     def restore(self) -> None:
-        """Resume from the newest checkpoint of this model kind and config, if there is one."""
+        """Resume from the newest checkpoint of this model kind and config that has its trainer state (the
+        newest one alone if none has), if there is one."""
         with Session(self.engine) as session:
-            row = latest_checkpoint(session)
+            rows = session.scalars(select(Checkpoint).order_by(Checkpoint.version.desc()).limit(20)).all()
+        complete = [
+            r for r in rows if all(f.exists() for f in state_paths(self.settings.data_dir, r.version))
+        ]
+        row = complete[0] if complete else (rows[0] if rows else None)
         if row is None:
             log.info("no checkpoint yet: starting a new %s model", self.model.kind)
             return

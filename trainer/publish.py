@@ -26,7 +26,7 @@ from store.feed import TrainerFeed
 from store.meta import Checkpoint, WeightSnapshot, latest_checkpoint
 from trainer.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from trainer.models.base import TrainModel
-from trainer.state import TrainerState, prune_states, save_state
+from trainer.state import TrainerState, prune_states, save_state, state_paths
 from trainer.table import WeightTable
 
 log = logging.getLogger("datadiet.trainer")
@@ -115,13 +115,19 @@ class Publisher:
             version = self.feed.reserve_checkpoint_version(floor)
             path = checkpoint_path(self.data_dir, version)
             meta = {"step": state.step, "version": version, "settings": settings, "metrics": metrics}
+            if path.exists():  # a version some earlier writer took without Redis knowing
+                log.warning("checkpoint v%d exists already: reserving another version", version)
+                floor = version
+                continue
+            # the state first: a checkpoint file on disk always has its state (a kill between the two
+            # leaves a state file without a model, which is never resumed from and is pruned later)
+            save_state(self.data_dir, version, state)
             try:
                 sha, size = save_checkpoint(path, model, meta, replace=False)
                 break
-            except FileExistsError:  # a version some earlier writer took without Redis knowing
-                log.warning("checkpoint v%d exists already: reserving another version", version)
+            except FileExistsError:
+                log.warning("checkpoint v%d appeared while it was written: reserving another", version)
                 floor = version
-        save_state(self.data_dir, version, state)
         values = {
             "version": version,
             "step": state.step,
@@ -170,6 +176,9 @@ class Publisher:
         adopted = 0
         for version, path in sorted(checkpoint_files(self.data_dir).items()):
             if version <= newest:
+                continue
+            if not all(f.exists() for f in state_paths(self.data_dir, version)):
+                log.warning("not registering %s: its trainer state is missing", path)
                 continue
             try:
                 meta = read_metadata(path)
