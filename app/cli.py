@@ -19,7 +19,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from store.config import Settings
 
 DEFAULT_URL = os.environ.get("DATADIET_URL", "http://127.0.0.1:8000")
 
@@ -46,20 +49,54 @@ def _logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from app.supervise import Supervisor, run_forever
+def _settings() -> Settings:
+    """The settings, or exit with one line per invalid ``DATADIET_*`` variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from store.config import Settings
 
+    try:
+        return Settings()
+    except SettingsError as e:  # a value that is not even JSON where JSON is expected
+        sys.exit(f"datadiet: invalid setting: {e}" + (f" ({e.__cause__})" if e.__cause__ else ""))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            name = name.upper() if name.upper().startswith("DATADIET_") else f"DATADIET_{name.upper()}"
+            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+        sys.exit("datadiet: invalid setting " + "; ".join(problems))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.supervise import Supervisor, run_forever
+
+    settings = _settings()
     _check_bind(args.host)
     _logging()
-    return run_forever(Supervisor(Settings(), args.host, args.port))
+    return run_forever(Supervisor(settings, args.host, args.port))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo.run import run_demo
+    from app.supervise import StartError, bind_listener, hold_lock
 
+    settings = _settings()
     _check_bind(args.host)
-    return run_demo(host=args.host, port=args.port, steps=args.steps, seed=args.seed, rate=args.rate)
+    settings.ensure_data_dir()
+    lock_fd: int | None = None
+    try:
+        # the demo wipes <data dir>/demo before it starts: never while another demo runs on it
+        lock_fd = hold_lock(settings.data_dir / "demo.lock", f"pid {os.getpid()}, datadiet demo")
+        bind_listener(args.host, args.port).close()  # a busy port fails here, before anything is wiped
+        return run_demo(host=args.host, port=args.port, steps=args.steps, seed=args.seed, rate=args.rate)
+    except StartError as e:
+        print(f"datadiet: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,18 +1,23 @@
 """``datadiet up``: starts the whole service on the embedded defaults, restarts a crashed child, and stops
-cleanly on SIGTERM leaving no process behind."""
+cleanly on SIGTERM leaving no process behind. It fails at once, with one line and nothing left running, on a
+busy port, on a data dir another ``up`` holds, and on an invalid setting; and gives up on a child that can
+never start instead of restarting it forever."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.supervise import StartError, bind_listener, hold_lock
 from tests.conftest import REPO_ROOT, datadiet_env, free_port, stop_process_group
 
 pytestmark = pytest.mark.slow
@@ -107,3 +112,111 @@ def test_up_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         stop_process_group(proc)
         log.close()
+
+
+MLP = {"model": "mlp", "model_config": '{"n_features": 4, "n_classes": 3}', "torch_threads": "1"}
+
+
+def start_up(tmp_path: Path, name: str, port: int, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``datadiet up --port port`` in the background, its output in ``<tmp_path>/<name>.log``."""
+    log = tmp_path / f"{name}.log"
+    env = datadiet_env(**{"data_dir": str(tmp_path / name), **MLP, **settings})
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
+def run_up(
+    tmp_path: Path, name: str, port: int, timeout: float = 30, **settings: str
+) -> tuple[int, list[str]]:
+    """Run ``datadiet up`` to its end: exit status and output lines."""
+    proc, log = start_up(tmp_path, name, port, **settings)
+    try:
+        return proc.wait(timeout=timeout), log.read_text().splitlines()
+    finally:
+        stop_process_group(proc)
+
+
+def test_up_on_a_port_another_program_holds_fails_at_once_and_starts_nothing(tmp_path: Path) -> None:
+    with closing(socket.socket()) as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        t0 = time.monotonic()
+        code, lines = run_up(tmp_path, "data", port)
+    assert code == 1 and time.monotonic() - t0 < 10
+    assert lines == [
+        f"datadiet: port {port} on 127.0.0.1 is already in use " + lines[0].split("in use ", 1)[1]
+    ]
+    assert not (tmp_path / "data" / "redis").exists()  # no embedded Redis was started, nor anything else
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_second_up_fails_fast_on_the_first_ones_port_or_data_dir(tmp_path: Path) -> None:
+    port = free_port()
+    first, _ = start_up(tmp_path, "data", port)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        procs = descendants(first.pid)
+
+        # the reported case: same port, other data dir -- it used to print "up", then restart its API forever
+        code, lines = run_up(tmp_path, "other", port)
+        assert code == 1
+        assert lines[-1].startswith(f"datadiet: port {port} on 127.0.0.1 is already in use")
+        assert not (tmp_path / "other" / "redis").exists()
+
+        code, lines = run_up(tmp_path, "data", free_port())  # same data dir, free port
+        assert code == 1
+        assert lines[-1].startswith(f"datadiet: another datadiet is already running on {tmp_path / 'data'} ")
+        assert f"pid {first.pid}, API at http://127.0.0.1:{port}" in lines[-1]
+
+        assert descendants(first.pid) == procs  # the first one was not disturbed
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    finally:
+        stop_process_group(first)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_up_gives_up_on_a_trainer_that_cannot_start_and_leaves_nothing_running(tmp_path: Path) -> None:
+    proc, log = start_up(tmp_path, "data", free_port(), model="no-such-kind")
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= descendants(proc.pid)
+            time.sleep(0.2)
+        assert proc.returncode == 1
+    finally:
+        stop_process_group(proc)
+    last = log.read_text().splitlines()[-1]
+    assert last.startswith("datadiet: the trainer cannot start: it exited with status 1 3 times in a row")
+    assert "unknown model kind 'no-such-kind'" in last
+    assert len(seen) >= 3 and [p for p in seen if alive(p)] == []  # Redis and the API were stopped too
+
+
+def test_up_with_an_invalid_setting_says_which_in_one_line(tmp_path: Path) -> None:
+    code, lines = run_up(tmp_path, "data", free_port(), max_steps="-1")
+    assert code == 1
+    assert lines == [
+        "datadiet: invalid setting DATADIET_MAX_STEPS='-1': Input should be greater than or equal to 0"
+    ]
+
+
+def test_binding_a_taken_port_is_a_start_error() -> None:
+    with closing(bind_listener("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(StartError, match=f"port {port} on 127.0.0.1 is already in use"):
+            bind_listener("127.0.0.1", port)
+
+
+def test_a_held_lock_is_a_start_error_naming_its_holder(tmp_path: Path) -> None:
+    fd = hold_lock(tmp_path / "up.lock", "pid 1, API at http://127.0.0.1:1")
+    try:
+        with pytest.raises(StartError, match=r"already running on .* \(pid 1, API at http://127.0.0.1:1\)"):
+            hold_lock(tmp_path / "up.lock", "pid 2")
+    finally:
+        os.close(fd)
+    os.close(hold_lock(tmp_path / "up.lock", "pid 2"))  # released with its holder's fd: free again
