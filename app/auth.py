@@ -2,7 +2,8 @@
 
 Scopes: ``ingest`` (post samples), ``read`` (weights, checkpoints, stats, metrics), ``admin`` (the
 validation set, sample look-ups, and everything else; admin holds every scope). With no keys configured
-the API is open, and the CLI refuses to bind beyond 127.0.0.1.
+(unset or empty) the API is open, and the CLI refuses to bind beyond 127.0.0.1; a spec that is set but
+holds no key is a start-up error.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ SCOPES = frozenset({"ingest", "read", "admin"})
 
 
 def parse_keys(spec: str | None) -> dict[str, frozenset[str]]:
-    """``"k1:ingest+read,k2:admin"`` -> {"k1": {"ingest", "read"}, "k2": {"admin"}}; errors name the entry."""
+    """``"k1:ingest+read,k2:admin"`` -> {"k1": {"ingest", "read"}, "k2": {"admin"}}; errors name the entry.
+
+    Unset (None) or empty: {} (no auth). Anything else must hold at least one key: a spec such as
+    ``" , "`` is a mistake (an unfilled template, a lost secret), and reading it as "no auth" would open
+    the API, so it is an error at start-up.
+    """
     keys: dict[str, frozenset[str]] = {}
-    for entry in (spec or "").split(","):
+    if not spec:
+        return keys
+    for entry in spec.split(","):
         entry = entry.strip()
         if not entry:
             continue
@@ -32,6 +40,10 @@ def parse_keys(spec: str | None) -> dict[str, frozenset[str]]:
                 f"DATADIET_API_KEYS entry {entry!r}: expected key:scope[+scope], scopes {sorted(SCOPES)}"
             )
         keys[key] = wanted
+    if not keys:
+        raise ValueError(
+            f"DATADIET_API_KEYS={spec!r} holds no key: give key:scope[+scope],... or unset it for no auth"
+        )
     return keys
 
 

@@ -14,13 +14,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import parse_keys
 from app.errors import install_error_handlers
-from app.routes import checkpoints, samples, status, validation, weights
+from app.middleware import ErrorsAsJSON, HeadAsGet
+from app.routes import checkpoints, docs, quarantine, samples, status, validation, weights
 from app.schema import InputSpec
 from store.buffer import SampleBuffer
 from store.config import Settings
@@ -33,16 +37,28 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    api_keys = parse_keys(settings.api_keys)  # a malformed spec fails here, at start-up
+    api_keys = parse_keys(settings.api_keys)  # a malformed or empty spec fails here, at start-up
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_data_dir()
         url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
-        client = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
-        engine = make_engine(settings.resolved_database_url)
+        # a hung Redis answers 503 after redis_timeout; a dropped connection (a restart) is retried once
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        database_url = settings.resolved_database_url
+        engine = make_engine(
+            database_url,
+            connect_timeout=settings.database_timeout,
+            pool_timeout=settings.database_timeout,
+            statement_timeout=settings.database_timeout,
+        )
         try:
-            await run_in_threadpool(migrate, engine)
+            await run_in_threadpool(_migrate, database_url)
             app.state.settings = settings
             app.state.api_keys = api_keys
             app.state.engine = engine
@@ -67,8 +83,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Online data selection for models that keep learning from their agents",
         version="0.1.0",
         lifespan=lifespan,
+        # served by app.routes.docs, behind the read scope when API keys are configured
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     install_error_handlers(app)
-    for module in (samples, validation, weights, checkpoints, status):
+    app.add_middleware(ErrorsAsJSON)
+    app.add_middleware(HeadAsGet)  # added last: outermost, so it also drops the body of error answers
+    for module in (samples, validation, weights, checkpoints, quarantine, status, docs):
         app.include_router(module.router)
     return app
+
+
+def _migrate(database_url: str) -> None:
+    """Migrate on an engine of its own, without the API's short statement timeout (a migration, or the
+    wait for another process's migration lock, may take longer)."""
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()

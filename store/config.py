@@ -41,6 +41,20 @@ class Settings(BaseSettings):
     seed: int = 0
     api_keys: str | None = None
 
+    # how long the API waits on its dependencies and on its clients (seconds)
+    redis_timeout: float = Field(
+        1.0, gt=0, description="seconds the API waits for one Redis command (or to connect) before a 503"
+    )
+    database_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="seconds the API waits for the database in a request (pool, connect, query) before a "
+        "503; also its server-side statement_timeout on PostgreSQL (the trainer's engine has none)",
+    )
+    request_body_timeout: float = Field(
+        10.0, gt=0, description="seconds the API waits for the next piece of a request body before a 408"
+    )
+
     @field_validator("model_params", mode="before")
     @classmethod
     def _parse_json(cls, v: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event, select
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -121,13 +122,37 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+# libpq settings that make a PostgreSQL connection notice a vanished server (a partition, a dead host) in
+# about 30 s instead of TCP's ~15 minutes of retransmissions; a URL that sets one of them wins
+TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                "tcp_user_timeout": 30_000}  # fmt: skip
+
+
+def make_engine(
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    pool_timeout: float = 30.0,
+    statement_timeout: float | None = None,
+) -> Engine:
+    """The engine for ``url``: SQLite (WAL) or PostgreSQL through psycopg 3. Times are in seconds.
+
+    ``connect_timeout``: to open a PostgreSQL connection (libpq ``connect_timeout``: whole seconds, and
+    psycopg, like libpq, waits at least 2). ``pool_timeout``: to wait for a free pooled connection
+    (SQLAlchemy ``QueuePool``). ``statement_timeout``: how long one statement may run before the server
+    cancels it (PostgreSQL ``statement_timeout``; SQLite: how long to wait for a lock), None for no
+    limit. The API gives short ones (``DATADIET_DATABASE_TIMEOUT``); the trainer and migrations keep the
+    defaults, with no statement limit, since their work may legitimately run long.
+    """
     url = normalise_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        busy = 30.0 if statement_timeout is None else statement_timeout
+        engine = create_engine(
+            url, pool_timeout=pool_timeout, connect_args={"check_same_thread": False, "timeout": busy}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: Any, _record: Any) -> None:
@@ -137,7 +162,24 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    connect_args: dict[str, Any] = {}
+    if postgres:
+        given = make_url(url).query
+        connect_args = {k: v for k, v in TCP_LIVENESS.items() if k not in given}
+        if "connect_timeout" not in given:
+            connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
+    engine = create_engine(url, pool_pre_ping=True, pool_timeout=pool_timeout, connect_args=connect_args)
+    if statement_timeout is not None and postgres:
+        milliseconds = max(1, round(statement_timeout * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _statement_timeout(conn: Any, _record: Any) -> None:
+            with conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout = {milliseconds}")
+            conn.commit()
+
+    return engine
 
 
 @contextmanager

@@ -1,71 +1,127 @@
 """Published model checkpoints: metadata from SQL, files streamed from disk.
 
-Downloads carry a strong ``ETag`` (the quoted sha256), answer ``If-None-Match`` with 304 and single
-``Range`` requests with 206; ``X-Checkpoint-Version`` names the version.
+Downloads carry a strong ``ETag`` (the quoted sha256), answer ``If-None-Match`` with 304 (RFC 9110
+§13.1.2) and single ``Range`` requests with 206 (§14); a ``Range`` in a unit other than bytes is ignored
+(§14.2: 200 with the whole file). ``HEAD`` answers with the same headers and no body (§9.3.2).
+``X-Checkpoint-Version`` names the version.
+
+Every database read runs in ``run_db``: a session of its own, closed before the answer (and before a
+file starts streaming), within ``DATADIET_DATABASE_TIMEOUT``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
 from app.auth import require
-from app.deps import SessionDep
-from app.errors import NotFound, ValidationError
+from app.deps import run_db
+from app.errors import NotFound
+from app.middleware import is_head
 from store.meta import Checkpoint, latest_checkpoint
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[require("read")])
 
+MAX_LIST = 1000
+MAX_VERSION = 2**31 - 1  # versions are a 32-bit SQL INTEGER
+Version = Annotated[
+    str,
+    PathParam(
+        pattern=r"^(latest|[1-9][0-9]{0,9})$",
+        description="'latest', or a version number (1 up to 2^31 - 1)",
+        examples=["latest", "3"],
+    ),
+]
 
-def _find(session: SessionDep, version: str) -> Checkpoint:
-    if version == "latest":
-        ckpt = latest_checkpoint(session)
-        if ckpt is None:
-            raise NotFound("no checkpoint has been published yet")
-        return ckpt
-    if not version.isdigit():
-        raise ValidationError(f"a checkpoint version is a positive integer or 'latest', got {version!r}")
-    ckpt = session.get(Checkpoint, int(version))
-    if ckpt is None:
+
+def _find(engine: Engine, version: str) -> Checkpoint:
+    """The checkpoint row (detached from its closed session), or NotFound."""
+    if version != "latest" and int(version) > MAX_VERSION:
         raise NotFound(f"no checkpoint version {version}")
+    with Session(engine) as session:
+        ckpt = latest_checkpoint(session) if version == "latest" else session.get(Checkpoint, int(version))
+    if ckpt is None:
+        raise NotFound(
+            "no checkpoint has been published yet"
+            if version == "latest"
+            else f"no checkpoint version {version}"
+        )
     return ckpt
 
 
+def _list(engine: Engine, limit: int) -> list[dict[str, Any]]:
+    with Session(engine) as session:
+        rows = session.scalars(select(Checkpoint).order_by(Checkpoint.version.desc()).limit(limit))
+        return [c.summary() for c in rows]
+
+
 @router.get("")
-def list_checkpoints(*, session: SessionDep, limit: int = 100) -> list[dict[str, Any]]:
+async def list_checkpoints(
+    *,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST, description="at most this many")] = 100,
+) -> list[dict[str, Any]]:
     """Published checkpoints, newest first."""
-    rows = session.scalars(select(Checkpoint).order_by(Checkpoint.version.desc()).limit(limit))
-    return [c.summary() for c in rows]
+    return await run_db(request, _list, request.app.state.engine, limit)
 
 
 @router.get("/{version}")
-def get_checkpoint(*, version: str, session: SessionDep) -> dict[str, Any]:
+async def get_checkpoint(*, version: Version, request: Request) -> dict[str, Any]:
     """One checkpoint's metadata (``latest`` or a version number), with its model kind and config."""
-    return _find(session, version).detail()
+    return (await run_db(request, _find, request.app.state.engine, version)).detail()
+
+
+class _CheckpointFile(FileResponse):
+    """A ``FileResponse`` that ignores a ``Range`` whose unit is not ``bytes``: RFC 9110 §14.2, "An origin
+    server MUST ignore a Range header field that contains a range unit it does not understand"."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers", [])
+        if any(name == b"range" and not _is_bytes_range(value) for name, value in headers):
+            scope = {**scope, "headers": [(n, v) for n, v in headers if n != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def _is_bytes_range(value: bytes) -> bool:
+    unit, sep, _ = value.partition(b"=")
+    return bool(sep) and unit.strip().lower() == b"bytes"
 
 
 @router.get("/{version}/file", response_model=None)
-def download_checkpoint(*, version: str, request: Request, session: SessionDep) -> Response:
+async def download_checkpoint(*, version: Version, request: Request) -> Response:
     """The safetensors bytes, streamed; cache with ``If-None-Match``, resume with ``Range``."""
-    ckpt = _find(session, version)
+    ckpt = await run_db(request, _find, request.app.state.engine, version)
     etag = f'"{ckpt.sha256}"'
     headers = {"ETag": etag, "X-Checkpoint-Version": str(ckpt.version), "Cache-Control": "no-cache"}
     inm = request.headers.get("if-none-match")
-    # weak comparison, as RFC 9110 asks of If-None-Match: W/"x" matches "x"
+    # weak comparison, as RFC 9110 §13.1.2 asks of If-None-Match: W/"x" matches "x"
     if inm is not None and (
         inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]
     ):
         return Response(status_code=304, headers=headers)
     path = Path(ckpt.path)
-    if not path.is_file():
+    try:
+        stat = os.stat(path)
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
         raise NotFound(f"checkpoint {ckpt.version}'s file is missing on this server")
-    return FileResponse(
+    response = _CheckpointFile(
         path,
+        stat_result=stat,
         media_type="application/octet-stream",
         headers=headers,
         filename=f"datadiet-v{ckpt.version}.safetensors",
     )
+    if is_head(request):  # the same headers (Content-Length, ETag, ...), without reading the file
+        return Response(status_code=200, headers=dict(response.headers))
+    return response

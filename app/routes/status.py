@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.engine import Engine
 
 from app.auth import require
-from app.deps import BufferDep, EngineDep
+from app.deps import BufferDep, EngineDep, SettingsDep, run_db
+from app.errors import RETRY_AFTER_S
 
 router = APIRouter(tags=["status"])
 
@@ -22,27 +25,43 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(*, buffer: BufferDep, engine: EngineDep) -> JSONResponse:
-    """Redis and the database answer: 200, else 503 naming what is down."""
-    problems: dict[str, str] = {}
-    try:
-        await buffer.r.ping()
-    except Exception as e:  # any failure to answer means not ready
-        problems["redis"] = f"{type(e).__name__}: {e}"
+async def readyz(
+    *, request: Request, buffer: BufferDep, engine: EngineDep, settings: SettingsDep
+) -> JSONResponse:
+    """Redis and the database answer: 200, else 503 naming what is down.
 
-    def _db() -> None:
+    Both are asked at once, each within its timeout (``DATADIET_REDIS_TIMEOUT``,
+    ``DATADIET_DATABASE_TIMEOUT``; 1 s by default), so a hung dependency is reported in about a second.
+    """
+
+    async def redis_check() -> None:
+        try:
+            with anyio.fail_after(settings.redis_timeout):
+                await buffer.r.ping()
+        except TimeoutError:
+            raise TimeoutError(f"no answer within {settings.redis_timeout:g} s") from None
+
+    def select_1(engine: Engine) -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
-    try:
-        await run_in_threadpool(_db)
-    except Exception as e:
-        problems["database"] = f"{type(e).__name__}: {e}"
+    results = await asyncio.gather(redis_check(), run_db(request, select_1, engine), return_exceptions=True)
+    problems = {
+        name: _describe(e)
+        for name, e in zip(("redis", "database"), results, strict=True)
+        if isinstance(e, BaseException)
+    }
     if problems:
         detail = "; ".join(f"{k} is unavailable ({v})" for k, v in problems.items())
         body = {"error": {"type": "Unavailable", "detail": detail, "checks": problems}}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return JSONResponse({"status": "ready", "checks": {"redis": "ok", "database": "ok"}})
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line of the message`` (SQLAlchemy's messages go on with the SQL and a link)."""
+    lines = str(getattr(e, "detail", e)).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 @router.get("/v1/stats", dependencies=[require("read")])
