@@ -72,7 +72,7 @@ def redis_server_binary() -> str:
 
 @dataclass
 class RedisServer:
-    """A redis-server process of our own, without persistence."""
+    """A redis-server process of our own (without persistence unless started ``persistent``)."""
 
     proc: subprocess.Popen[bytes]
     port: int
@@ -93,17 +93,22 @@ class RedisServer:
                 self.proc.wait()
 
 
-def start_redis_server(directory: Path, timeout: float = 10.0) -> RedisServer:
-    """Start a redis-server on a free port, working in ``directory``; returns once it answers PING."""
+def start_redis_server(
+    directory: Path, timeout: float = 10.0, *, port: int | None = None, persistent: bool = False
+) -> RedisServer:
+    """Start a redis-server on ``port`` (default: a free one), working in ``directory``; returns once it
+    answers PING. ``persistent``: an append-only file in ``directory`` (fsync always), so a restart on the
+    same port and directory comes back with the data, as a production Redis does."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     args = [
         redis_server_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(directory),
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if persistent else "no",
+        "--appendfsync", "always",
         "--logfile", str(directory / "redis.log"),
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,6 +4,9 @@ python -m trainer                                        # embedded Redis + SQLi
 DATADIET_MAX_STEPS=2000 DATADIET_REWEIGHT=uniform python -m trainer   # the baseline, stopping at 2000
 DATADIET_MODEL=mlp DATADIET_MODEL_CONFIG='{"n_features": 64, "n_classes": 10}' python -m trainer
 DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... python -m trainer
+
+One trainer trains a deployment at a time: a second one waits for the first's lease (store/lease.py), or
+exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import make_engine, migrate
 from trainer.loop import Trainer
+from trainer.outage import DATABASE_ERRORS, Dependency
 from trainer.settings import TrainerSettings
 
 
@@ -28,9 +32,13 @@ def main() -> int:
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     engine = make_engine(settings.resolved_database_url)
     try:
-        migrate(engine)
-        client = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5)
-        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer)
+        # a database that is down at start is waited for (with backoff), never a reason to exit
+        Dependency("database", DATABASE_ERRORS, max_delay_s=settings.max_backoff_s).wait_for(
+            lambda: migrate(engine)
+        )
+        # a hung Redis fails a call after 10 s (the longest blocking read is 1 s) instead of holding it
+        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
         return Trainer(settings, feed, engine).run()
     finally:
         engine.dispose()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import redis
 from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import make_engine, migrate
+from tests.conftest import REPO_ROOT, datadiet_env
 from trainer.loop import Trainer
 from trainer.settings import TrainerSettings
 
@@ -39,6 +44,39 @@ def blobs(n: int, seed: int, *, source: str, noisy: bool, prefix: str) -> list[d
     ]
 
 
+def start_trainer(redis_url: str, data_dir: Path, log: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """``python -m trainer`` on an mlp, logging to ``log``, in a new process group; ``settings`` become
+    ``DATADIET_*`` variables (they override the defaults here)."""
+    env = datadiet_env(
+        redis_url=redis_url,
+        data_dir=str(data_dir),
+        model="mlp",
+        model_config=json.dumps(MLP),
+        checkpoint_every="25",
+        torch_threads="1",
+        **settings,
+    )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; trainer log:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture
 def make_trainer(redis_url: str, tmp_path: Path) -> Callable[..., Trainer]:
     """``make_trainer(**settings)``: a Trainer on the test's Redis and a SQLite under tmp (mlp by default)."""
@@ -57,7 +95,8 @@ def make_trainer(redis_url: str, tmp_path: Path) -> Callable[..., Trainer]:
         settings = TrainerSettings(_env_file=None, **values)  # type: ignore[call-arg]
         engine = make_engine(settings.resolved_database_url)
         migrate(engine)
-        feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys(settings.redis_prefix), settings.consumer)
+        client = redis.Redis.from_url(redis_url)
+        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
         return Trainer(settings, feed, engine)
 
     return make

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,42 +15,11 @@ from fastapi.testclient import TestClient
 
 from store.keys import Keys
 from store.meta import Checkpoint, make_engine
-from tests.conftest import REPO_ROOT, datadiet_env, stop_process_group
-from tests.trainer.conftest import MLP, blobs
+from tests.conftest import stop_process_group
+from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
 from trainer.state import load_state
 
 CAPACITY = 2500
-
-
-def start_trainer(redis_url: str, data_dir: Path, log: Path, **settings: str) -> subprocess.Popen[bytes]:
-    env = datadiet_env(
-        redis_url=redis_url,
-        data_dir=str(data_dir),
-        model="mlp",
-        model_config=json.dumps(MLP),
-        checkpoint_every="25",
-        torch_threads="1",
-        **settings,
-    )
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "trainer"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; trainer log:\n{log.read_text()[-3000:]}")
 
 
 def test_sigkilled_trainer_resumes_and_every_accepted_sample_is_kept_or_evicted(
