@@ -519,9 +519,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if code is None:
                 second.signal(signal.SIGKILL)
                 code = await second.wait(10)
+            lines = second.log.read_text(errors="replace").splitlines()
+            lease = next((x.split(" ", 1)[-1] for x in lines if "lease" in x), "no lease line")
+            published = sum("published checkpoint" in x for x in lines)
             w.note = (
-                f"second trainer {'ran until stopped' if still else 'had exited by itself'}, "
-                f"exit {code}: {second.last_line()}"
+                f"{'ran until stopped' if still else 'had exited by itself'}, exit {code}; "
+                f"published {published} checkpoint(s); {lease[:160]}"
             )
 
         faults: list[tuple[str, Callable[[Window], Awaitable[None]]]] = [
