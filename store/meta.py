@@ -146,13 +146,14 @@ def make_engine(
     """
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        path = make_url(url).database or ""
+        in_memory = path in ("", ":memory:")
+        if not in_memory:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         busy = 30.0 if statement_timeout is None else statement_timeout
-        engine = create_engine(
-            url, pool_timeout=pool_timeout, connect_args={"check_same_thread": False, "timeout": busy}
-        )
+        # a file gets a QueuePool; memory a SingletonThreadPool, which has no checkout timeout
+        pooled = {} if in_memory else {"pool_timeout": pool_timeout}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy}, **pooled)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: Any, _record: Any) -> None:

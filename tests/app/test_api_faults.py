@@ -30,9 +30,12 @@ from checkpoint_rows import publish_checkpoint
 from conftest import drop_all_tables
 from fastapi.testclient import TestClient
 from faultproxy import FaultProxy
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from store.config import Settings
+from store.meta import make_engine
 
 if TYPE_CHECKING:
     from conftest import RedisServer
@@ -235,3 +238,23 @@ def test_a_body_that_never_arrives_is_answered_408_in_the_error_shape(
     assert headers["connection"] == "close"
     assert orjson.loads(body)["error"]["type"] == "RequestTimeout"
     assert 0.9 < took < 5
+
+
+# --- the engine's limits ----------------------------------------------------------------------------------
+
+
+def test_only_an_engine_given_a_statement_timeout_cancels_long_queries(postgres_database: str) -> None:
+    """The API's engine cancels a statement past DATADIET_DATABASE_TIMEOUT; the trainer's (the default)
+    lets a long one finish."""
+    api = make_engine(postgres_database, statement_timeout=0.3, pool_timeout=0.5, connect_timeout=1)
+    trainer = make_engine(postgres_database)
+    try:
+        with pytest.raises(OperationalError, match="statement timeout"), api.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.6)"))
+        with trainer.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.6)"))
+    finally:
+        api.dispose()
+        trainer.dispose()
+    for url in ("sqlite://", "sqlite:///:memory:"):  # no pool timeout on a SingletonThreadPool
+        make_engine(url, pool_timeout=0.5).dispose()
