@@ -70,22 +70,23 @@ class ErrorsAsJSON:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started = False  # whether a response start has gone out to the server
         held: Message | None = None  # the start of a non-JSON error, sent once its body is read
         text = bytearray()
 
         async def rewrite(message: Message) -> None:
             nonlocal started, held
             if message["type"] == "http.response.start":
-                started = True
                 content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
                 if message["status"] >= 400 and not content_type.startswith("application/json"):
                     held = message
                     return
+                started = True
             elif held is not None and message["type"] == "http.response.body":
                 text.extend(message.get("body", b""))
                 if message.get("more_body", False):
                     return
+                started = True
                 await _send_json_error(send, held, text.decode("utf-8", "replace").strip())
                 return
             await send(message)
