@@ -660,6 +660,15 @@ def report(
             c["500"] += req.status == 500
         key = f"{req.kind} {req.status if req.status is not None else req.error}"
         by_status[key] = by_status.get(key, 0) + 1
+
+    def answers_in(w: Window) -> dict[str, int]:
+        hit = [q for q in soak.reqs if q.t1 >= w.start and q.t0 <= w.end + GRACE_S]
+        return {
+            "requests": len(hit),
+            "5xx": sum(q.status is not None and q.status >= 500 for q in hit),
+            "transport_errors": sum(q.status is None for q in hit),
+        }
+
     longest = max(soak.reqs, key=lambda q: q.t1 - q.t0)
     outside_reqs = [q for q in soak.reqs if not inside(q)]
     longest_out = max(outside_reqs, key=lambda q: q.t1 - q.t0) if outside_reqs else None
@@ -713,7 +722,7 @@ def report(
         if longest_out is None
         else {"seconds": round(longest_out.t1 - longest_out.t0, 3), "kind": longest_out.kind},
         "rss_mib": rss,
-        "faults": [asdict(w) | {"seconds": round(w.end - w.start, 1)} for w in windows],
+        "faults": [asdict(w) | {"seconds": round(w.end - w.start, 1)} | answers_in(w) for w in windows],
         "scoring": scored,
         "checkpoints": checkpoints,
         "processes": {
@@ -763,8 +772,8 @@ def table(doc: dict[str, Any]) -> str:
         f"| checkpoints verified against sha256 | {doc['checkpoints']['checked']}, mismatched "
         f"{doc['checkpoints']['mismatched'] or 'none'} |",
         "",
-        "| fault | took | scoring after it | note |",
-        "|---|---:|---|---|",
+        "| fault | took | requests / 5xx / transport errors in it | scoring after it | note |",
+        "|---|---:|---|---|---|",
     ]  # fmt: skip
     for f, s in zip(doc["faults"], doc["scoring"], strict=True):
         after = (
@@ -773,10 +782,16 @@ def table(doc: dict[str, Any]) -> str:
             if s["ok"]
             else f"NO: step {s['step_at_fault']} -> {s['step_after']}, val_loss {s['val_loss_after']}"
         )
-        lines.append(f"| {f['fault']} | {f['seconds']:.1f} s | {after} | {f['note']} |")
+        answered = f"{f['requests']} / {f['5xx']} / {f['transport_errors']}"
+        lines.append(f"| {f['fault']} | {f['seconds']:.1f} s | {answered} | {after} | {f['note']} |")
     lines += ["", "| process | started | unexpected exits |", "|---|---:|---|"]
     for name, p in doc["processes"].items():
-        exits = "; ".join(f"{e['t']}s: {e['code']} ({e['last_line'][:120]})" for e in p["unexpected_exits"])
+        groups: dict[tuple[Any, str], list[float]] = {}
+        for e in p["unexpected_exits"]:
+            groups.setdefault((e["code"], e["last_line"][:140]), []).append(e["t"])
+        exits = "; ".join(
+            f"{len(ts)}x status {code} (first at {ts[0]} s): {last}" for (code, last), ts in groups.items()
+        )
         lines.append(f"| {name} | {p['incarnations']} | {exits or 'none'} |")
     lines += ["", "| check | |", "|---|---|"]
     lines += [f"| {k} | {'ok' if v else 'FAILED'} |" for k, v in doc["checks"].items()]
