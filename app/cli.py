@@ -54,10 +54,11 @@ def _settings() -> Settings:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    from app.auth import parse_keys
     from store.config import Settings
 
     try:
-        return Settings()
+        settings = Settings()
     except SettingsError as e:  # a value that is not even JSON where JSON is expected
         sys.exit(f"datadiet: invalid setting: {e}" + (f" ({e.__cause__})" if e.__cause__ else ""))
     except ValidationError as e:
@@ -67,6 +68,11 @@ def _settings() -> Settings:
             name = name.upper() if name.upper().startswith("DATADIET_") else f"DATADIET_{name.upper()}"
             problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
         sys.exit("datadiet: invalid setting " + "; ".join(problems))
+    try:
+        parse_keys(settings.api_keys)  # the API would refuse to start on it: say so before starting anything
+    except ValueError as e:
+        sys.exit(f"datadiet: invalid setting {e}")
+    return settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -197,12 +197,21 @@ def test_up_gives_up_on_a_trainer_that_cannot_start_and_leaves_nothing_running(t
     assert len(seen) >= 3 and [p for p in seen if alive(p)] == []  # Redis and the API were stopped too
 
 
-def test_up_with_an_invalid_setting_says_which_in_one_line(tmp_path: Path) -> None:
-    code, lines = run_up(tmp_path, "data", free_port(), max_steps="-1")
-    assert code == 1
-    assert lines == [
-        "datadiet: invalid setting DATADIET_MAX_STEPS='-1': Input should be greater than or equal to 0"
-    ]
+@pytest.mark.parametrize(
+    ("setting", "value", "line"),
+    [
+        ("max_steps", "-1", "DATADIET_MAX_STEPS='-1': Input should be greater than or equal to 0"),
+        ("api_keys", " , ", "DATADIET_API_KEYS=' , ' holds no key"),  # the API would refuse it at start
+    ],
+)
+def test_up_with_an_invalid_setting_says_which_in_one_line(
+    tmp_path: Path, setting: str, value: str, line: str
+) -> None:
+    t0 = time.monotonic()
+    code, lines = run_up(tmp_path, "data", free_port(), **{setting: value})
+    assert code == 1 and time.monotonic() - t0 < 10
+    assert len(lines) == 1 and lines[0].startswith(f"datadiet: invalid setting {line}")
+    assert not (tmp_path / "data").exists()  # nothing started
 
 
 def test_binding_a_taken_port_is_a_start_error() -> None:
