@@ -6,6 +6,7 @@ never start instead of restarting it forever."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -100,6 +101,8 @@ def test_up_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path) -> None:
         crashed = api_pid(proc.pid)
         os.kill(crashed, signal.SIGKILL)
         time.sleep(0.5)
+        # the supervisor holds the port: a request sent while no API runs waits for the next one, not refused
+        assert httpx.get(url + "/healthz", timeout=60).status_code == 200
         wait_ready(url, timeout=30)  # restarted after a backoff, on the same embedded Redis
         assert api_pid(proc.pid) != crashed
         assert httpx.get(url + "/v1/stats").json()["buffer"]["ingested"] == 1  # nothing lost
@@ -118,8 +121,9 @@ MLP = {"model": "mlp", "model_config": '{"n_features": 4, "n_classes": 3}', "tor
 
 
 def start_up(tmp_path: Path, name: str, port: int, **settings: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """``datadiet up --port port`` in the background, its output in ``<tmp_path>/<name>.log``."""
-    log = tmp_path / f"{name}.log"
+    """``datadiet up --port port`` on the data dir ``<tmp_path>/<name>`` in the background; its output goes
+    to a log of its own (returned)."""
+    log = tmp_path / f"{name}-{secrets.token_hex(4)}.log"
     env = datadiet_env(**{"data_dir": str(tmp_path / name), **MLP, **settings})
     with log.open("wb") as out:
         proc = subprocess.Popen(
