@@ -65,10 +65,12 @@ from store.feed import TrainerFeed
 from store.keys import FRESH_BASE, Keys
 from store.meta import make_engine, migrate
 from trainer.hypergrad import GhostScorer
-from trainer.loop import PayloadCache, Trainer
+from trainer.intake import PayloadCache
+from trainer.loop import Trainer
 from trainer.publish import Publisher
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
+from trainer.weighting.base import BatchRecord
 
 RESULTS = REPO / "bench" / "results" / "trainer.md"
 MODELS: dict[str, dict[str, Any]] = {"tiny-gpt": {}, "mlp": {"n_features": 64, "n_classes": 10}}
@@ -143,7 +145,7 @@ class Arm:
     def by_cpu(self) -> bool:
         """Judge by CPU time: one thread on the CPU, where other work on the machine inflates wall time
         but not the CPU time the step takes; by wall time on a GPU or with several threads."""
-        return self.threads == 1 and self.trainer.device.type == "cpu"
+        return self.threads == 1 and self.trainer.learner.device.type == "cpu"
 
     def steps(self) -> list[float]:
         return [t for r in self.wall for t in r]
@@ -223,14 +225,14 @@ def make_trainer(
         settings, TrainerFeed(redis.Redis.from_url(url), Keys(prefix), settings.consumer), engine
     )
     if lever.last_layer_only:  # val_grad and the hooks both follow model.scored_modules()
-        last = trainer.model.scored_modules()[-1]
-        trainer.model.scored_modules = lambda: [last]  # type: ignore[method-assign]
-        trainer.scorer = GhostScorer([last])
+        last = trainer.learner.model.scored_modules()[-1]
+        trainer.learner.model.scored_modules = lambda: [last]  # type: ignore[method-assign]
+        trainer.learner.scorer = GhostScorer([last])
     trainer.feed.ensure_group()
     while trainer.table.live < N_SAMPLES:
         trainer.poll()
     trainer.refresh_validation()
-    trainer.cache.get(trainer.table.ordinal)
+    trainer.intake.cache.get(trainer.table.ordinal)
     return trainer
 
 
@@ -256,16 +258,16 @@ def timed(
 
 
 def instrument(arm: Arm) -> None:
-    """Wrap the trainer's own methods (on the instances) so each part's time adds up in ``arm.parts``."""
+    """Wrap the trainer rooms' methods (on the instances) so each part's time adds up in ``arm.parts``."""
     t = arm.trainer
-    sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if t.learner.device.type == "cuda" else (lambda: None)
     clock = time.process_time if arm.by_cpu else time.perf_counter
     targets = [
-        (t, "_batch"),
-        (t, "_reweight"),
-        (t, "_refresh_g_val"),
-        (t.scorer, "scores"),
-        (t.weighting, "observe"),
+        (t.sampler, "draw"),
+        (t.sampler, "reweight"),
+        (t.validation, "refresh_gradient"),
+        (t.learner.scorer, "scores"),
+        (t.learner.weighting, "observe"),
     ]
     for part, (obj, name) in zip(PARTS, targets, strict=True):
         setattr(obj, name, timed(getattr(obj, name), arm.parts, part, clock, sync))
@@ -347,7 +349,7 @@ def fill_table(rows: int, chunk: int, seed: int = 0) -> WeightTable:
 
 
 class StubCache(PayloadCache):
-    """Every payload at hand: ``_batch`` without Redis."""
+    """Every payload at hand: ``Sampler.draw`` without Redis."""
 
     def __init__(self, payload: dict[str, Any]) -> None:
         self.payload = payload
@@ -416,33 +418,38 @@ def measure_fill(scale: Scale, chunk: int) -> WeightTable:
 
 
 def time_trainer_paths(scale: Scale, table: WeightTable, trainers: list[Trainer], reps: int) -> None:
-    """draw, and each trainer's ``_batch`` and ``_reweight`` with ``table`` swapped in."""
+    """draw, and each trainer's ``Sampler.draw`` and reweight (rule weights + ``Sampler.reweight``) with
+    ``table`` swapped in."""
     rng = np.random.default_rng(0)
     table.set_sampling(np.where(table.alive, rng.lognormal(0, 1, table.n), 0.0))  # uneven weights
     scale.timings.append((f"`WeightTable.draw({DRAW})`", repeat(lambda: table.draw(DRAW, rng), 40 * reps), 1))
     live = np.flatnonzero(table.alive)
     for t in trainers:
-        own = t.table, t.cache
-        t.table, t.cache = table, StubCache(make_samples(t.model.kind, 1, "x", 0)[0])
-        try:
-            name = t.weighting.name
-            secs = repeat(lambda t=t: t._batch(fresh_first=True), 20 * reps)  # type: ignore[misc]
-            scale.timings.append((f"`Trainer._batch` ({name}), stub cache", secs, 1))
-            if t.weighting.scores:  # evidence for every row, so the learned-weight path runs
-                c = rng.normal(size=len(live))
-                t.weighting.observe(table, live, c, np.abs(c) + 1.0, 1.0, 1_000)
-            secs = repeat(t._reweight, max(3, reps // 2))
-            scale.timings.append((f"`Trainer._reweight` ({name})", secs, t.settings.reweight_every))
-            if t.weighting.scores:
-                gc.collect()
-                tracemalloc.start()
-                t._reweight()
-                peak = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
-                every = f"every {t.settings.reweight_every} steps"
-                scale.bytes(f"transient peak of `_reweight` ({name})", peak, table.live, every)
-        finally:
-            t.table, t.cache = own
+        rule = t.learner.weighting
+        rule.attach(table)
+        cache = StubCache(make_samples(t.learner.model.kind, 1, "x", 0)[0])
+
+        def reweight(t: Trainer = t) -> None:
+            t.sampler.reweight(table, t.learner.weighting.weights(table, 1_000))
+
+        name = rule.name
+        secs = repeat(lambda t=t, c=cache: t.sampler.draw(table, c, from_queue=True), 20 * reps)  # type: ignore[misc]
+        scale.timings.append((f"`Sampler.draw` ({name}), stub cache", secs, 1))
+        if rule.scores:  # evidence for every row, so the learned-weight path runs
+            c = rng.normal(size=len(live))
+            coef = np.full(len(live), 1 / len(live))
+            record = BatchRecord(1_000, live, coef, [], None, c, np.abs(c) + 1.0, 1.0)
+            rule.observe(table, record)
+        secs = repeat(reweight, max(3, reps // 2))
+        scale.timings.append((f"reweight ({name})", secs, t.settings.reweight_every))
+        if rule.scores:
+            gc.collect()
+            tracemalloc.start()
+            reweight()
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            every = f"every {t.settings.reweight_every} steps"
+            scale.bytes(f"transient peak of reweight ({name})", peak, table.live, every)
 
 
 def time_publish(

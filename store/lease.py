@@ -97,7 +97,10 @@ class TrainerLease:
             if holder is None:
                 log.info("holding the trainer lease (fencing token %d)", self.token)
                 return True
-            if not wait or stop():
+            if not wait:
+                log.error("another trainer holds this deployment's lease (%s)", holder)
+                return False
+            if stop():
                 return False
             if not logged:
                 log.warning(

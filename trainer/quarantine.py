@@ -15,9 +15,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from store.feed import TrainerFeed
 from trainer.models.base import TrainModel, to_device
+from trainer.table import WeightTable
 
 log = logging.getLogger("datadiet.trainer")
 
@@ -65,3 +68,51 @@ def unusable(
 
 def parameters_finite(model: TrainModel) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class Quarantine:
+    """Samples set aside: taken out of the table at once, moved out of the buffer (into its quarantine
+    list) as soon as Redis takes it. ``count`` is how many this run has quarantined."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, str, str]] = []  # (ordinal, source, reason) not yet in Redis
+        self.count = 0
+
+    def set_aside(
+        self,
+        table: WeightTable,
+        rows: np.ndarray,
+        payloads: Sequence[Mapping[str, Any]],
+        model: TrainModel,
+        autocast: bool,
+    ) -> int:
+        """A batch failed (collate, or a non-finite loss or gradient): quarantine each of its samples that
+        fails alone; returns how many. Raises FloatingPointError when the model itself is not finite
+        (no sample is to blame; the last checkpoint is)."""
+        if not parameters_finite(model):
+            raise FloatingPointError("the model's parameters are not finite: restart from a checkpoint")
+        bad = unusable(model, payloads, model.device, autocast)
+        if not bad:
+            log.warning("a batch gave a non-finite loss or gradient with no single sample to blame: skipped")
+            return 0
+        idx = np.array(sorted(bad), dtype=np.int64)
+        table.kill(rows[idx], evicted=False)
+        for i in idx.tolist():
+            row = int(rows[i])
+            self.pending.append((int(table.ordinal[row]), table.sources[int(table.source[row])], bad[i]))
+        self.count += len(idx)
+        first = self.pending[-len(idx)]
+        log.warning(
+            "quarantined %d sample(s) the model cannot use (e.g. ordinal %d from %r: %s)",
+            len(idx),
+            *first,
+        )
+        return len(idx)
+
+    def flush(self, feed: TrainerFeed, step: int) -> None:
+        """Move the set-aside samples out of the buffer into its quarantine list (Redis errors and
+        LeaseLost propagate; the list is kept until this succeeds)."""
+        if self.pending:
+            ordinals, sources, reasons = zip(*self.pending, strict=True)
+            feed.quarantine(ordinals, sources, reasons, step)
+            self.pending.clear()

@@ -13,16 +13,29 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 import safetensors.numpy
 import torch
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from store.checkpoints import write_atomic
+from store.meta import Checkpoint
+from trainer.checkpoint import load_checkpoint
+from trainer.table import WeightTable
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+log = logging.getLogger("datadiet.trainer")
 
 
 def state_paths(data_dir: Path, version: int) -> tuple[Path, Path]:
@@ -94,3 +107,97 @@ def prune_states(data_dir: Path, keep_version: int) -> None:
             continue
         if v < keep_version:
             f.unlink(missing_ok=True)
+
+
+# --- what a run holds, captured and restored -----------------------------------------------------------
+
+
+def capture(t: Trainer) -> TrainerState:
+    """Everything trainer ``t`` holds beyond its model (which the checkpoint file carries)."""
+    arrays, table_info = t.table.state()
+    v = t.validation
+    return TrainerState(
+        step=t.step,
+        table_arrays=arrays,
+        info={
+            "table": table_info,
+            "weighting": t.learner.weighting.state(),
+            "scorings": t.learner.scorings,
+            "val_version": v.version,
+            "rng": t.rng.bit_generator.state,
+            "val_loss": _exact(v.loss),
+            "train_loss": _exact(t.learner.train_loss),
+            "checked_ordinal": v.checked_ordinal,
+            "quarantined": t.quarantine.count,
+            "pending_quarantine": [list(q) for q in t.quarantine.pending],
+        },
+        optimizer=t.learner.opt.state_dict(),
+        g_val=[g.float().cpu().numpy() for g in v.g_val] if v.g_val is not None else None,
+        validation=v.samples,
+        torch_rng=torch.get_rng_state().numpy(),
+    )
+
+
+def resume(t: Trainer, engine: Engine) -> None:
+    """Restore trainer ``t`` from the newest checkpoint of its model kind and config that has its state
+    (the newest one alone, model only, if none has); a fresh start when there is none. Raises the
+    database's errors."""
+    model = t.learner.model
+    with Session(engine) as session:
+        rows = session.scalars(select(Checkpoint).order_by(Checkpoint.version.desc()).limit(20)).all()
+    complete = [r for r in rows if all(f.exists() for f in state_paths(t.settings.data_dir, r.version))]
+    row = complete[0] if complete else (rows[0] if rows else None)
+    if row is None:
+        log.info("no checkpoint yet: starting a new %s model", model.kind)
+        return
+    if row.model_kind != model.kind or row.config != model.config:
+        log.warning(
+            "newest checkpoint v%d is a %s %s, not this %s %s: starting fresh",
+            row.version,
+            row.model_kind,
+            row.config,
+            model.kind,
+            model.config,
+        )
+        return
+    loaded = load_checkpoint(row.path, sha256=row.sha256, device=model.device)
+    model.load_state_dict(loaded.module.state_dict())
+    state = load_state(t.settings.data_dir, row.version)
+    t.step = t.checkpointed_step = row.step
+    if state is None:
+        log.warning("checkpoint v%d has no trainer state: resuming the model only", row.version)
+        return
+    info = state.info
+    t.learner.opt.load_state_dict(state.optimizer)
+    t.table = WeightTable.from_state(state.table_arrays, info["table"])
+    t.learner.weighting.attach(t.table)
+    t.learner.weighting.load_state(info.get("weighting", {}))
+    t.learner.scorings = int(info.get("scorings", 0))
+    t.learner.train_loss = _nan_if_none(info.get("train_loss"))
+    if "rng" in info:
+        t.rng.bit_generator.state = info["rng"]
+    if state.torch_rng is not None:
+        torch.set_rng_state(torch.from_numpy(state.torch_rng.copy()))
+    # the validation set the run trained against, not just its version: without the samples a resumed run
+    # would think itself up to date and never score again
+    v = t.validation
+    v.version = int(info.get("val_version", -1))
+    v.samples = state.validation
+    v.loss = _nan_if_none(info.get("val_loss"))
+    v.checked_ordinal = int(info.get("checked_ordinal", t.table.max_ordinal))
+    if state.g_val is not None:
+        v.g_val = [torch.from_numpy(g).to(model.device) for g in state.g_val]
+    if v.samples:
+        t.learner.weighting.on_validation(t.table, v.samples, v.version, task_changed=False)
+    t.quarantine.count = int(info.get("quarantined", 0))
+    t.quarantine.pending = [(int(o), str(s), str(r)) for o, s, r in info.get("pending_quarantine", [])]
+    log.info("resumed from checkpoint v%d at step %d with %d samples", row.version, t.step, t.table.live)
+
+
+def _exact(x: float) -> float | None:
+    """A loss average as saved: exact (no rounding), None for NaN."""
+    return None if math.isnan(x) else float(x)
+
+
+def _nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else float(x)

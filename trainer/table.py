@@ -1,10 +1,12 @@
 """The weight table: one row per live sample, a few bytes each, and the sum tree that samples batches.
 
 Per row: the sample's ordinal (int64, the key of its payload in Redis), its content group (uint64: identical
-content shares it), its source (uint16 index into ``sources``), the running sum of its centred outer-step
-scores (float32) and how often it was scored (uint16). Rows of evicted samples are marked dead (sampling
-value 0) and compacted away when they pile up. Memory: 8 + 8 + 2 + 4 + 2 + 1 = 25 bytes a row, plus the
-sum tree's ~8.5 and a float32 weight: ~38 bytes per live sample.
+content shares it), its source (uint16 index into ``sources``), how often it was scored (uint16: scored
+visits, counted by the loop) and its weight (float32); plus the columns the weighting rule declares for
+its own per-row statistics (``add_column``; bilevel: a float32 score sum and a uint16 evidence count).
+Rows of evicted samples are marked dead (sampling value 0) and compacted away when they pile up. Memory:
+8 + 8 + 2 + 2 + 1 + 4 = 25 bytes a row, the rule's (bilevel: 6), and the sum tree's ~8.5: ~40 bytes per
+live sample.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ _FIELDS: dict[str, Any] = {
     "ordinal": np.int64,
     "group": np.uint64,
     "source": np.uint16,
-    "score_sum": np.float32,
-    "visits": np.uint16,
+    "visits": np.uint16,  # scored visits
     "alive": np.bool_,
     "weight": np.float32,
 }
+_NOT_COLUMNS = frozenset({"fresh", "sampling"})  # saved beside the columns
 
 
 class RowQueue:
@@ -95,6 +97,12 @@ class WeightTable:
             return cols[name][: self.n]
         raise AttributeError(name)
 
+    def add_column(self, name: str, dtype: Any) -> None:
+        """A per-row column of zeros (a weighting rule's statistics), grown, compacted and saved with the
+        rows; a no-op when it exists."""
+        if name not in self.cols:
+            self.cols[name] = np.zeros(len(self.cols["alive"]), dtype=dtype)
+
     @property
     def live(self) -> int:
         return self._live
@@ -150,7 +158,9 @@ class WeightTable:
         self._reserve(self.n + len(ordinals))
         c = self.cols
         c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
-        c["score_sum"][rows], c["visits"][rows], c["alive"][rows], c["weight"][rows] = 0, 0, True, 1.0
+        for name in c.keys() - {"ordinal", "group", "source", "alive", "weight"}:
+            c[name][rows] = 0  # scored visits and the rule's statistics start at zero
+        c["alive"][rows], c["weight"][rows] = True, 1.0
         # a new row's sampling mass is the average live row's (weight 1 is the average weight): a fixed
         # mass of 1 against normalised probabilities summing to 1 would hand nearly every draw until the
         # next reweight to whatever arrived last
@@ -236,8 +246,10 @@ class WeightTable:
         t = cls(max(1024, n, int(info.get("capacity", 0))))
         # the same tree shape as the saved run's: its sums, and so its draws, come out bit for bit the same
         t.tree = SumTree(max(len(t.cols["alive"]), int(info.get("tree_capacity", 0))))
-        for k in _FIELDS:
-            t.cols[k][:n] = arrays[k]
+        for k, saved in arrays.items():
+            if k not in _NOT_COLUMNS:
+                t.add_column(k, saved.dtype)
+                t.cols[k][:n] = saved
         t.n = n
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1

@@ -17,7 +17,7 @@ from trainer.models import build_model
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting import METHODS
+from trainer.weighting import METHODS, BatchRecord, Weighting
 from trainer.weighting.l2rw import L2RW, l2rw_coef
 from trainer.weighting.loss import LossWeighting
 from trainer.weighting.rholoss import IL_STEPS, SELECT_FRACTION, RhoLoss, select_top, train_irreducible
@@ -32,10 +32,18 @@ def settings(**overrides: Any) -> TrainerSettings:
     return TrainerSettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def table_of(n: int, sources: list[str] | None = None) -> WeightTable:
+def table_of(n: int, sources: list[str] | None = None, rule: Weighting | None = None) -> WeightTable:
     t = WeightTable()
+    if rule is not None:
+        rule.attach(t)
     t.add(np.arange(n), np.arange(n, dtype=np.uint64), sources or ["s"] * n)
     return t
+
+
+def record(rows: list[int], step: int = 0, **arrays: Any) -> BatchRecord:
+    """A batch record of ``rows`` with uniform coefficients and ``arrays`` (losses, dots, norms, g_norm)."""
+    r = np.array(rows)
+    return BatchRecord(step, r, np.full(len(r), 1 / len(r)), [{}] * len(r), **arrays)
 
 
 @pytest.mark.parametrize("name", ["loss", "l2rw", "rholoss"])
@@ -47,8 +55,9 @@ def test_baselines_are_registered_by_name(name: str) -> None:
 
 
 def test_loss_weights_are_proportional_to_each_samples_running_loss() -> None:
-    rule, t = LossWeighting(settings()), table_of(4)
-    rule.observe_losses(t, np.array([0, 1, 2]), np.array([1.0, 2.0, 3.0]), step=0)
+    rule = LossWeighting(settings())
+    t = table_of(4, rule=rule)
+    rule.observe(t, record([0, 1, 2], losses=np.array([1.0, 2.0, 3.0])))
     w = rule.weights(t, step=1)
     # visited rows in proportion to their loss; the unvisited row takes the mean loss (2.0)
     np.testing.assert_allclose(w / w[0], [1.0, 2.0, 3.0, 2.0], rtol=1e-6)
@@ -56,16 +65,18 @@ def test_loss_weights_are_proportional_to_each_samples_running_loss() -> None:
 
 
 def test_loss_running_mean_moves_halfway_to_each_new_loss() -> None:
-    rule, t = LossWeighting(settings()), table_of(2)
-    rule.observe_losses(t, np.array([0, 1]), np.array([4.0, 1.0]), step=0)
-    rule.observe_losses(t, np.array([0]), np.array([0.0]), step=1)  # row 0: 0.5 * 4 + 0.5 * 0 = 2
+    rule = LossWeighting(settings())
+    t = table_of(2, rule=rule)
+    rule.observe(t, record([0, 1], losses=np.array([4.0, 1.0])))
+    rule.observe(t, record([0], step=1, losses=np.array([0.0])))  # row 0: 0.5 * 4 + 0.5 * 0 = 2
     w = rule.weights(t, step=2)
     assert w[0] / w[1] == pytest.approx(2.0)
-    assert list(t.visits) == [2, 1]
+    assert list(rule.col(t, "visits")[: t.n]) == [2, 1]
 
 
 def test_loss_weights_are_uniform_before_any_loss_is_seen() -> None:
-    w = LossWeighting(settings()).weights(table_of(3), step=0)
+    rule = LossWeighting(settings())
+    w = rule.weights(table_of(3, rule=rule), step=0)
     np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
 
 
@@ -92,18 +103,16 @@ def test_l2rw_zeroes_a_real_sample_whose_label_contradicts_the_validation_set() 
     _, g_val = val_grad(model, model.collate([x]))
     dots, _ = reference_scores(model, model.collate([x, wrong]), g_val)
     assert dots[0] > 0 > dots[1]  # the setting this test needs
-    w = L2RW(settings()).batch_coef(
-        table_of(2), np.array([0, 1]), np.full(2, 0.5), np.zeros(2), dots.numpy(), None
-    )
+    w = L2RW(settings()).batch_coef(table_of(2), record([0, 1], losses=np.zeros(2), dots=dots.numpy()))
     assert w is not None
     np.testing.assert_allclose(w, [1.0, 0.0], atol=1e-7)
 
 
 def test_l2rw_keeps_no_memory_between_batches() -> None:
     rule, t = L2RW(settings()), table_of(3)
-    rule.observe(t, np.array([0, 1, 2]), np.array([1.0, -1.0, 0.5]), np.ones(3), 1.0, step=0)
+    rule.observe(t, record([0, 1, 2], dots=np.array([1.0, -1.0, 0.5]), norms=np.ones(3), g_norm=1.0))
     np.testing.assert_array_equal(rule.weights(t, step=1), [1.0, 1.0, 1.0])
-    assert rule.batch_coef(t, np.array([0]), np.ones(1), np.zeros(1), None, None) is None  # no G_val yet
+    assert rule.batch_coef(t, record([0], losses=np.zeros(1))) is None  # no G_val yet
 
 
 # ------------------------------------------------------------------ rholoss
@@ -147,17 +156,18 @@ def test_rholoss_skips_wrong_labels_that_the_trusted_model_disagrees_with(
     trainer.poll()
     trainer.refresh_validation()
     rows = np.arange(trainer.table.n)
-    payloads = trainer.cache.get(trainer.table.ordinal[rows])
+    payloads = trainer.intake.cache.get(trainer.table.ordinal[rows])
+    model, rule = trainer.learner.model, trainer.learner.weighting
     with torch.no_grad():
-        batch = to_device(trainer.model.collate(payloads), trainer.device)
-        losses = trainer.model.per_sample_loss(batch).double().cpu().numpy()
-    w = trainer.weighting.batch_coef(trainer.table, rows, np.full(64, 1 / 64), losses, None, None)
-    assert isinstance(trainer.weighting, RhoLoss) and w is not None
+        batch = to_device(model.collate(payloads), model.device)
+        losses = model.per_sample_loss(batch).double().cpu().numpy()
+    w = rule.batch_coef(trainer.table, BatchRecord(0, rows, np.full(64, 1 / 64), payloads, losses))
+    assert isinstance(rule, RhoLoss) and w is not None
     chosen = [payloads[i] for i in np.flatnonzero(w > 1e-3)]
     assert len(chosen) == int(np.ceil(SELECT_FRACTION * 64))
     corrupted = [p["meta"]["corrupted"] for p in chosen if p is not None]
     assert sum(corrupted) <= 2, corrupted  # of 16 picks; about a quarter of the batch is mislabelled
-    assert trainer.weighting.il_version == trainer.val_version  # trained once for this validation set
+    assert rule.il_version == trainer.validation.version  # trained once for this validation set
     assert IL_STEPS > 0
 
 

@@ -14,7 +14,7 @@ from trainer.loop import Trainer
 from trainer.publish import weights_document
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import shared_weights
+from trainer.weighting.base import BatchRecord, shared_weights
 from trainer.weighting.bilevel import UNKNOWN_PRIOR_VISITS, Bilevel
 
 
@@ -36,11 +36,17 @@ def test_one_sources_copies_share_a_weight_but_other_sources_copies_do_not() -> 
 def feed(rule: Bilevel, t: WeightTable, true: np.ndarray, noise: float, rounds: int, seed: int) -> None:
     """``rounds`` passes over every row in batches of 64, each visit scoring true_i + N(0, noise^2)."""
     rng = np.random.default_rng(seed)
+    rule.attach(t)  # the rule's per-row columns (idempotent)
     for step in range(rounds):
         for start in range(0, t.n, 64):
             rows = np.arange(start, min(start + 64, t.n))
             dots = true[rows] + rng.normal(0, noise, size=len(rows))
-            rule.observe(t, rows, dots, np.ones(len(rows)), 1.0, step)
+            rule.observe(
+                t,
+                BatchRecord(
+                    step, rows, np.full(len(rows), 1 / len(rows)), [], None, dots, np.ones(len(rows)), 1.0
+                ),
+            )
 
 
 def test_per_sample_term_is_off_until_revisits_measure_the_scores_reliability() -> None:
@@ -142,12 +148,12 @@ def test_a_new_validation_set_restarts_the_optimizers_moments_unless_told_not_to
     samples = clean_buffer(api, 300, 24, "r")
     trainer = make_trainer(max_steps=5, reset_optimizer_on_validation_change=reset)
     trainer.run()
-    assert len(trainer.opt.state) > 0  # AdamW keeps moments for every parameter it has stepped
+    assert len(trainer.learner.opt.state) > 0  # AdamW keeps moments for every parameter it has stepped
     trainer.refresh_validation()  # the same version: nothing changes
-    assert len(trainer.opt.state) > 0
+    assert len(trainer.learner.opt.state) > 0
     assert api.put("/v1/validation", json={"samples": samples[64:128]}).status_code == 200
     trainer.refresh_validation()
-    assert (len(trainer.opt.state) == 0) is reset
+    assert (len(trainer.learner.opt.state) == 0) is reset
     trainer.settings.max_steps = 6
     trainer.run()  # and training goes on from fresh moments
-    assert trainer.step == 6 and len(trainer.opt.state) > 0
+    assert trainer.step == 6 and len(trainer.learner.opt.state) > 0

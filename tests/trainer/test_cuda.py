@@ -110,10 +110,12 @@ def test_cuda_run_writes_checkpoints_that_load_on_cpu_and_resume_there(
 
     steps = 100
     trainer = make_trainer(model=kind, model_params=params, max_steps=steps, checkpoint_every=50)
-    assert trainer.device.type == "cuda" and trainer.autocast  # device=auto picks the GPU, bf16 autocast
+    assert (
+        trainer.learner.device.type == "cuda" and trainer.learner.autocast
+    )  # device=auto picks the GPU, bf16 autocast
     assert trainer.run() == 0
     assert trainer.step == steps and trainer.scorings > 0 and math.isfinite(trainer.train_loss)
-    assert all(p.is_cuda for p in trainer.model.parameters())
+    assert all(p.is_cuda for p in trainer.learner.model.parameters())
     assert trainer.status()["device"] == "cuda"
     with Session(trainer.engine) as session:
         row = latest_checkpoint(session)
@@ -123,16 +125,18 @@ def test_cuda_run_writes_checkpoints_that_load_on_cpu_and_resume_there(
     loaded = load_checkpoint(row.path, sha256=row.sha256)
     assert loaded.step == steps and all(p.device.type == "cpu" for p in loaded.module.parameters())
     # the CPU copy computes what the GPU model computes (float32 both, no autocast)
-    trainer.model.eval()
+    trainer.learner.model.eval()
     with torch.no_grad():
-        gpu = trainer.model.per_sample_loss(to_device(trainer.model.collate(held_out), CUDA)).cpu()
+        gpu = trainer.learner.model.per_sample_loss(
+            to_device(trainer.learner.model.collate(held_out), CUDA)
+        ).cpu()
     torch.testing.assert_close(torch.tensor(loaded.loss(held_out)), gpu, rtol=1e-4, atol=1e-5)
     inputs = [s["input"] for s in held_out]
     answers = loaded.predict(inputs)
     assert len(answers) == len(inputs)
     if kind == "mlp":  # trained on the GPU: far above chance (1/4) on clean held-out blobs
         assert sum(a == s["target"] for a, s in zip(answers, held_out, strict=True)) / len(held_out) > 0.6
-        assert answers == trainer.model.predict(inputs)
+        assert answers == trainer.learner.model.predict(inputs)
     else:
         assert all(isinstance(a, str) for a in answers)
 
@@ -150,7 +154,7 @@ def test_noisy_source_weight_drops_below_half_the_clean_source_on_cuda(
 ) -> None:
     api = _post(make_client(make_settings(model="mlp", model_params=MLP)), MIXED, VALIDATION)
     trainer = make_trainer(max_steps=STEPS)
-    assert trainer.device.type == "cuda"
+    assert trainer.learner.device.type == "cuda"
     assert trainer.run() == 0
     sources = api.get("/v1/weights").json()["sources"]
     assert sources["noisy"] < 0.5 * sources["clean"], sources

@@ -88,7 +88,7 @@ def test_samples_the_model_cannot_use_are_quarantined_and_training_goes_on(
     trainer = make_trainer(max_steps=40, checkpoint_every=20)
     assert trainer.run() == 0
     assert trainer.step == 40
-    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.learner.model.parameters())
 
     stats = api.get("/v1/stats").json()["buffer"]
     assert stats["quarantined"] == 2
@@ -116,8 +116,8 @@ def test_a_validation_sample_the_model_cannot_use_is_left_out_not_fatal(
     r.set(Keys().val_version, 1)
     trainer = make_trainer(max_steps=20)
     assert trainer.run() == 0
-    assert len(trainer.val_samples) == 15 and trainer.validation_unusable == 1
-    assert trainer.g_val is not None  # it scored against the usable 15
+    assert len(trainer.validation.samples) == 15 and trainer.validation.unusable == 1
+    assert trainer.validation.g_val is not None  # it scored against the usable 15
 
 
 # --- dependency outages --------------------------------------------------------------------------------

@@ -41,10 +41,10 @@ def post_stream(
 
 
 def held_out_loss(trainer: Trainer) -> float:
-    trainer.model.eval()
+    trainer.learner.model.eval()
     with torch.no_grad():
-        batch = to_device(trainer.model.collate(HELD_OUT), trainer.device)
-        return float(trainer.model.per_sample_loss(batch).mean())
+        batch = to_device(trainer.learner.model.collate(HELD_OUT), trainer.learner.device)
+        return float(trainer.learner.model.per_sample_loss(batch).mean())
 
 
 def test_noisy_source_weight_drops_below_half_the_clean_source(
@@ -115,10 +115,10 @@ def test_a_new_validation_set_is_picked_up_within_a_few_steps(
     api = post_stream("dd")
     trainer = make_trainer(max_steps=30)
     trainer.run()
-    first = trainer.val_version
+    first = trainer.validation.version
     version = api.put("/v1/validation", json={"samples": HELD_OUT[:50]}).json()["version"]
     assert version > first
     trainer.settings.max_steps = 30 + trainer.settings.validation_check_every + 1
     trainer.run()
-    assert trainer.val_version == version
-    assert [s["id"] for s in trainer.val_samples] == [s["id"] for s in HELD_OUT[:50]]
+    assert trainer.validation.version == version
+    assert [s["id"] for s in trainer.validation.samples] == [s["id"] for s in HELD_OUT[:50]]

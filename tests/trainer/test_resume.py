@@ -135,7 +135,16 @@ def test_a_run_stopped_at_step_k_and_resumed_ends_bit_for_bit_like_one_run_to_2k
     assert whole_model.keys() == split_model.keys()
     for name, tensor in whole_model.items():
         assert torch.equal(tensor, split_model[name]), f"model tensor {name} differs after resume"
-    for col in ("ordinal", "weight", "score_sum", "visits", "alive", "sampling", "fresh"):
+    for col in (
+        "ordinal",
+        "weight",
+        "bilevel_score_sum",
+        "bilevel_evidence",
+        "visits",
+        "alive",
+        "sampling",
+        "fresh",
+    ):
         np.testing.assert_array_equal(whole.table_arrays[col], split.table_arrays[col], err_msg=col)
     assert whole.info["weighting"] == split.info["weighting"]
     assert whole.info["val_loss"] == split.info["val_loss"] and whole.info["val_loss"] is not None

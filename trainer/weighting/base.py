@@ -1,70 +1,102 @@
-"""The interface between the training loop and a weighting rule."""
+"""The interface between the training loop and a weighting rule: a rule sees a per-batch record and the
+weight table, never the trainer."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
 
 COEF_FLOOR = 1e-8  # the least loss coefficient: GhostScorer.scores divides by each, so all must be > 0
 BatchFrom = Literal["", "losses", "scores"]  # what a per-batch rule's batch_coef needs (see Weighting)
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one training step saw, as a weighting rule gets it. Every array is (B,), in batch order.
+
+    rows      the batch's rows in the weight table (a row can repeat)
+    coef      importance weights of the step's loss, sum_i coef_i loss_i (sum to 1, all > 0):
+              w_i / (n q_i) for rows drawn with probability q_i, w_i for rows from the unscored queue
+    losses    per-sample training losses before the update (None when asked before the forward)
+    payloads  the samples (contract Sample dicts)
+    dots      <grad loss_i, G_val>, the hypergradient score before the -lr factor (scoring steps only)
+    norms     ||grad loss_i|| over the scored layers (scoring steps only)
+    g_norm    ||G_val|| (scoring steps only)
+    step      the trainer step the batch trains (0-based)
+    """
+
+    step: int
+    rows: np.ndarray
+    coef: np.ndarray
+    payloads: Sequence[dict[str, Any]]
+    losses: np.ndarray | None = None
+    dots: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    g_norm: float | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.dots is not None
+
+
 class Weighting:
-    """A weighting rule. ``scores`` says whether the loop must compute outer-step scores at all."""
+    """A weighting rule: it turns what each batch shows into every live sample's weight.
+
+    The loop calls ``observe`` once per step with the step's ``BatchRecord`` (scores included on scoring
+    steps), ``weights`` every ``reweight_every`` steps, ``batch_coef`` on per-batch rules (``batch_from``),
+    and ``on_validation`` whenever it loads a validation set. A rule owns its state: per-row statistics
+    in table columns it declares in ``columns`` (compacted and checkpointed with the rows; the table's
+    own ``visits`` column, scored visits, is the loop's), everything else through ``state``/``load_state``.
+    It never sees the trainer. ``scores`` says whether the loop must compute outer-step scores at all.
+    """
 
     name: ClassVar[str] = "base"
     scores: ClassVar[bool] = False
     # per-batch rules: what ``batch_coef`` needs. "losses": the loop asks before its one backward;
     # "scores": after it (the scores come from that backward), then redoes the backward; "": never asks
     batch_from: ClassVar[BatchFrom] = ""
+    columns: ClassVar[dict[str, type]] = {}  # per-row columns, as table column "<name>_<column>"
 
-    def __init__(self, settings: TrainerSettings) -> None:
+    def __init__(self, settings: TrainerSettings, device: torch.device | None = None) -> None:
         self.settings = settings
+        self.device = device or torch.device("cpu")
 
-    def bind(self, trainer: Trainer) -> None:
-        """Called once by the Trainer that uses this rule (rules that need its validation set, payloads or
-        device keep a reference; most need nothing)."""
+    def attach(self, table: WeightTable) -> None:
+        """Declare this rule's columns on ``table`` (a new table, or one restored from a checkpoint)."""
+        for col, dtype in self.columns.items():
+            table.add_column(self.column_name(col), dtype)
 
-    def observe(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        dots: np.ndarray,
-        norms: np.ndarray,
-        g_norm: float,
-        step: int,
-    ) -> None:
-        """Take one batch's outer-step scores: dots = <grad loss_i, G_val>, norms = ||grad loss_i||."""
+    def column_name(self, col: str) -> str:
+        return f"{self.name}_{col}"
 
-    def observe_losses(self, table: WeightTable, rows: np.ndarray, losses: np.ndarray, step: int) -> None:
-        """Every step: the batch's per-sample training losses (before the update)."""
+    def col(self, table: WeightTable, col: str) -> np.ndarray:
+        """The whole storage of one of this rule's columns (rows 0..n-1 are in use)."""
+        return table.cols[self.column_name(col)]
 
-    def batch_coef(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        coef: np.ndarray,
-        losses: np.ndarray,
-        dots: np.ndarray | None,
-        norms: np.ndarray | None,
-    ) -> np.ndarray | None:
-        """Per-batch methods (``batch_from``) return new loss coefficients for this batch (summing to 1, all
-        > 0) that the step's backward uses. None keeps the step as it is."""
+    def observe(self, table: WeightTable, batch: BatchRecord) -> None:
+        """Take one step's batch: its losses every step, its outer-step scores on scoring steps."""
+
+    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+        """Per-batch methods (``batch_from``) return new loss coefficients for this batch (B,), summing to
+        1, all > 0, that the step's backward uses. None keeps the step as it is."""
         return None
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
         """Every row's weight (dead rows 0), averaging 1 over live rows."""
         return np.where(table.alive, 1.0, 0.0).astype(np.float32)
 
-    def on_validation_change(self, table: WeightTable) -> None:
-        """The task changed: let old evidence fade."""
+    def on_validation(
+        self, table: WeightTable, samples: Sequence[dict[str, Any]], version: int, *, task_changed: bool
+    ) -> None:
+        """A validation set was loaded (``task_changed``: it replaced one the run trained against, so old
+        evidence should fade)."""
 
     def state(self) -> dict[str, Any]:
         return {}

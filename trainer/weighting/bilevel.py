@@ -53,13 +53,14 @@ warmup_steps).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import Weighting, normalise, shared_weights
+from trainer.weighting.base import BatchRecord, Weighting, normalise, shared_weights
 
 EPS = 1e-12
 MIN_NOISE_OBS = 200  # revisits before the per-sample score's reliability counts as measured
@@ -70,9 +71,11 @@ VALIDATION_CHANGE_DECAY = 0.25
 class Bilevel(Weighting):
     name: ClassVar[str] = "bilevel"
     scores: ClassVar[bool] = True
+    # per row: sum_visits c_i, and v_i, the visits behind it (decayed when the task changes)
+    columns: ClassVar[dict[str, type]] = {"score_sum": np.float32, "evidence": np.uint16}
 
-    def __init__(self, settings: TrainerSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: TrainerSettings, device: Any = None) -> None:
+        super().__init__(settings, device)
         self.source_count = np.zeros(0, dtype=np.float64)  # N_s
         self.source_raw = np.zeros(0, dtype=np.float64)  # M_s
         self.sig2 = 0.0
@@ -100,25 +103,20 @@ class Bilevel(Weighting):
             self.source_count = np.concatenate([self.source_count, pad])
             self.source_raw = np.concatenate([self.source_raw, pad])
 
-    def observe(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        dots: np.ndarray,
-        norms: np.ndarray,
-        g_norm: float,
-        step: int,
-    ) -> None:
-        s = self.settings
-        u = dots / (norms * g_norm + EPS)  # (B,) cosine
+    def observe(self, table: WeightTable, batch: BatchRecord) -> None:
+        if batch.dots is None or batch.norms is None or batch.g_norm is None:
+            return
+        s, rows = self.settings, batch.rows
+        score_sum, evidence = self.col(table, "score_sum"), self.col(table, "evidence")
+        u = batch.dots / (batch.norms * batch.g_norm + EPS)  # (B,) cosine
         c = u - np.median(u)  # (B,) centred
         b = s.scale_beta
         self.sig2 = float(np.mean(c**2)) if self.sig2 == 0 else (1 - b) * self.sig2 + b * float(np.mean(c**2))
         # a revisit's deviation from the sample's mean so far: Var(c - m_prev) = noise2 (1 + 1/v)
-        v_prev = table.visits[rows].astype(np.float64)
+        v_prev = evidence[rows].astype(np.float64)
         again = v_prev > 0
         if again.any():
-            m_prev = table.score_sum[rows[again]] / v_prev[again]
+            m_prev = score_sum[rows[again]] / v_prev[again]
             d2 = float(np.mean((c[again] - m_prev) ** 2 * v_prev[again] / (v_prev[again] + 1)))
             # a plain mean over the first 1/b batches with revisits, then the same running mean as sig2
             k = min(1.0, max(b, 1.0 / (self.noise_batches + 1)))
@@ -126,9 +124,8 @@ class Bilevel(Weighting):
             self.noise_batches += 1
             self.noise_obs += int(again.sum())
         # the per-sample running mean: sum of c and visits (np.add.at: a row can repeat in a batch)
-        np.add.at(table.cols["score_sum"], rows, c.astype(np.float32))
-        v = table.cols["visits"]
-        np.add.at(v, rows[v[rows] < np.iinfo(np.uint16).max], 1)
+        np.add.at(score_sum, rows, c.astype(np.float32))
+        np.add.at(evidence, rows[evidence[rows] < np.iinfo(np.uint16).max], 1)
         # the per-source mean over its last ~H samples: N_s, M_s
         src = table.source[rows].astype(np.int64)
         self._sources(len(table.sources))
@@ -146,8 +143,9 @@ class Bilevel(Weighting):
         s = self.settings
         self._sources(len(table.sources))
         sig = np.sqrt(self.sig2) + EPS
-        visits = table.visits.astype(np.float64)
-        mean = np.divide(table.score_sum, np.maximum(visits, 1.0), dtype=np.float64)  # m_i
+        visits = self.col(table, "evidence")[: table.n].astype(np.float64)
+        score_sum = self.col(table, "score_sum")[: table.n]
+        mean = np.divide(score_sum, np.maximum(visits, 1.0), dtype=np.float64)  # m_i
         trust = visits / (visits + self.prior_visits)  # r_i
         src = table.source.astype(np.int64)
         source = self.source_mean  # S_s
@@ -165,10 +163,16 @@ class Bilevel(Weighting):
             return super().weights(table, step)
         return normalise(shared_weights(table, self.logits(table, step)), table.alive)
 
-    def on_validation_change(self, table: WeightTable) -> None:
-        """Old evidence fades: the task may have changed, so new scores must dominate quickly."""
-        table.cols["score_sum"][: table.n] *= VALIDATION_CHANGE_DECAY
-        table.cols["visits"][: table.n] = (table.visits * VALIDATION_CHANGE_DECAY).astype(np.uint16)
+    def on_validation(
+        self, table: WeightTable, samples: Sequence[dict[str, Any]], version: int, *, task_changed: bool
+    ) -> None:
+        """Old evidence fades when the task changes, so new scores must dominate quickly."""
+        if not task_changed:
+            return
+        n = table.n
+        self.col(table, "score_sum")[:n] *= VALIDATION_CHANGE_DECAY
+        evidence = self.col(table, "evidence")
+        evidence[:n] = (evidence[:n] * VALIDATION_CHANGE_DECAY).astype(np.uint16)
         self.source_count *= VALIDATION_CHANGE_DECAY  # S_s shrinks toward 0 until new scores come in
 
     def state(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, BatchFrom, Weighting
+from trainer.weighting.base import COEF_FLOOR, BatchFrom, BatchRecord, Weighting
 
 
 class L2RW(Weighting):
@@ -31,31 +31,10 @@ class L2RW(Weighting):
     scores: ClassVar[bool] = True
     batch_from: ClassVar[BatchFrom] = "scores"
 
-    def observe(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        dots: np.ndarray,
-        norms: np.ndarray,
-        g_norm: float,
-        step: int,
-    ) -> None:
-        # bookkeeping only (the loop re-queues samples scored fewer than min_visits times); no weights kept
-        v = table.cols["visits"]
-        np.add.at(v, rows[v[rows] < np.iinfo(np.uint16).max], 1)
-
-    def batch_coef(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        coef: np.ndarray,
-        losses: np.ndarray,
-        dots: np.ndarray | None,
-        norms: np.ndarray | None,
-    ) -> np.ndarray | None:
-        if dots is None:  # no validation set yet: a plain step
+    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+        if batch.dots is None:  # no validation set yet: a plain step
             return None
-        return l2rw_coef(dots)
+        return l2rw_coef(batch.dots)
 
 
 def l2rw_coef(dots: np.ndarray) -> np.ndarray:

@@ -8,8 +8,8 @@ a running loss, and its persistent weight is proportional to it:
     w_i  = L_i / mean_live(L),                 unvisited samples take the mean of the visited ones
 
 High-loss samples (hard ones, and also wrong labels, which stay hard) are drawn more often. The running
-loss lives in the table's per-row score column and the visit count in its visits column, so it is
-compacted and checkpointed with the rows.
+loss and the rule's own visit count live in per-row columns the rule declares, so they are compacted and
+checkpointed with the rows.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from trainer.table import WeightTable
-from trainer.weighting.base import Weighting, normalise
+from trainer.weighting.base import BatchRecord, Weighting, normalise
 
 LOSS_EMA = 0.5
 MIN_LOSS = 1e-6  # a sample the model fits perfectly keeps a sliver of weight
@@ -28,20 +28,23 @@ MIN_LOSS = 1e-6  # a sample the model fits perfectly keeps a sliver of weight
 class LossWeighting(Weighting):
     name: ClassVar[str] = "loss"
     scores: ClassVar[bool] = False
+    columns: ClassVar[dict[str, type]] = {"running": np.float32, "visits": np.uint16}  # L_i, its visits
 
-    def observe_losses(self, table: WeightTable, rows: np.ndarray, losses: np.ndarray, step: int) -> None:
-        running = table.cols["score_sum"]  # L_i (float32)
-        visits = table.cols["visits"]
+    def observe(self, table: WeightTable, batch: BatchRecord) -> None:
+        if batch.losses is None:
+            return
+        rows, losses = batch.rows, batch.losses
+        running, visits = self.col(table, "running"), self.col(table, "visits")
         seen = visits[rows] > 0
         new = np.where(seen, (1 - LOSS_EMA) * running[rows] + LOSS_EMA * losses, losses)  # (B,)
         running[rows] = new.astype(np.float32)  # a row twice in one batch: the last update wins
         np.add.at(visits, rows[visits[rows] < np.iinfo(np.uint16).max], 1)
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
-        visited = table.alive & (table.visits > 0)
+        visited = table.alive & (self.col(table, "visits")[: table.n] > 0)
         if not visited.any():
             return super().weights(table, step)
-        running = table.score_sum.astype(np.float64)
+        running = self.col(table, "running")[: table.n].astype(np.float64)
         prior = float(running[visited].mean())
         raw = np.maximum(np.where(visited, running, prior), MIN_LOSS)
         return normalise(raw, table.alive)

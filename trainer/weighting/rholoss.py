@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,10 +27,7 @@ from trainer.models import TrainModel, build_model
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, BatchFrom, Weighting
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.weighting.base import COEF_FLOOR, BatchFrom, BatchRecord, Weighting
 
 SELECT_FRACTION = 0.25
 IL_STEPS = 300
@@ -41,35 +38,26 @@ class RhoLoss(Weighting):
     scores: ClassVar[bool] = False
     batch_from: ClassVar[BatchFrom] = "losses"
 
-    def __init__(self, settings: TrainerSettings) -> None:
-        super().__init__(settings)
-        self.trainer: Trainer | None = None
+    def __init__(self, settings: TrainerSettings, device: torch.device | None = None) -> None:
+        super().__init__(settings, device)
+        self.validation: list[dict[str, Any]] = []
         self.il_model: TrainModel | None = None
         self.il_version: int | None = None  # the validation version the IL model was trained on
+        self.version: int | None = None
 
-    def bind(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def on_validation(
+        self, table: WeightTable, samples: Sequence[dict[str, Any]], version: int, *, task_changed: bool
+    ) -> None:
+        self.validation, self.version = list(samples), version  # the IL model is trained when first needed
 
-    def batch_coef(
-        self,
-        table: WeightTable,
-        rows: np.ndarray,
-        coef: np.ndarray,
-        losses: np.ndarray,
-        dots: np.ndarray | None,
-        norms: np.ndarray | None,
-    ) -> np.ndarray | None:
-        t = self.trainer
-        if t is None or not t.val_samples:  # nothing trusted yet: a plain step
+    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+        if not self.validation or batch.losses is None:  # nothing trusted yet: a plain step
             return None
-        if self.il_model is None or self.il_version != t.val_version:
-            self.il_model = train_irreducible(self.settings, t.val_samples, t.device)
-            self.il_version = t.val_version
-        payloads = t.cache.get(table.ordinal[rows])  # the batch's payloads, just fetched: cache hits
-        if any(p is None for p in payloads):
-            return None
-        il = per_sample_loss(self.il_model, payloads, t.device)  # (B,)
-        return select_top(losses - il, SELECT_FRACTION)
+        if self.il_model is None or self.il_version != self.version:
+            self.il_model = train_irreducible(self.settings, self.validation, self.device)
+            self.il_version = self.version
+        il = per_sample_loss(self.il_model, batch.payloads, self.device)  # (B,)
+        return select_top(batch.losses - il, SELECT_FRACTION)
 
 
 def select_top(reducible: np.ndarray, fraction: float) -> np.ndarray:

@@ -1,0 +1,137 @@
+"""One training step: the weighted inner update, with the outer step's scores on scoring steps.
+
+    loss = sum_i c_i loss_i                         c: the batch's importance weights (trainer/sampler.py)
+    s_i  = <grad loss_i, G_val>                      from the same backward, by ghost products
+                                                     (trainer/hypergrad.py; the one-step look-ahead score
+                                                     is -lr s_i, Learning to Reweight, GREATS)
+
+The weighting rule sees the step's ``BatchRecord`` and turns it into weights (trainer/weighting/). A
+batch whose samples fail to collate, or whose loss or gradient is not finite, is not trained on: its
+unusable samples are quarantined (trainer/quarantine.py) and the loop draws again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from trainer.hypergrad import GhostScorer
+from trainer.intake import PayloadCache
+from trainer.models.base import TrainModel, to_device
+from trainer.quarantine import Quarantine
+from trainer.sampler import Draw, Sampler
+from trainer.settings import TrainerSettings
+from trainer.table import WeightTable
+from trainer.validation import Validation
+from trainer.weighting.base import BatchRecord, Weighting
+
+
+class Learner:
+    """The model, its optimizer and scorer, and the step that trains them."""
+
+    def __init__(self, settings: TrainerSettings, model: TrainModel, weighting: Weighting) -> None:
+        self.settings = settings
+        self.model = model
+        self.device = model.device
+        self.autocast = self.device.type == "cuda"  # bf16 autocast on CUDA
+        self.opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scorer = GhostScorer(model.scored_modules())
+        self.weighting = weighting
+        self.scorings = 0  # scoring steps taken
+        self.train_loss = math.nan  # running training loss: 0.95 old + 0.05 new
+
+    def step(
+        self,
+        step: int,
+        table: WeightTable,
+        sampler: Sampler,
+        cache: PayloadCache,
+        validation: Validation,
+        quarantine: Quarantine,
+    ) -> bool | None:
+        """Train step ``step``: True when the model was updated, False when there was nothing to train on,
+        None when the batch was set aside (its unusable samples quarantined) and no update was made."""
+        s, w = self.settings, self.weighting
+        outer = step % s.outer_every == 0
+        scoring = outer and w.scores and bool(validation.samples)
+        if step % s.reweight_every == 0:
+            sampler.reweight(table, w.weights(table, step))
+        draw = sampler.draw(table, cache, from_queue=outer)
+        if not len(draw.rows):
+            return False
+        if scoring and (validation.g_val is None or self.scorings % s.val_grad_every == 0):
+            validation.refresh_gradient(
+                self.model, sampler.rng, s.val_batch_size, s.val_grad_beta, self.autocast
+            )
+        try:
+            batch = to_device(self.model.collate(draw.payloads), self.device)
+        except Exception:  # one of the samples cannot be used by this model: find it, set it aside
+            self._set_aside(table, draw, quarantine)
+            return None
+        c = torch.as_tensor(draw.coef, dtype=torch.float32, device=self.device)
+        self.model.train()
+        for group in self.opt.param_groups:  # linear warm-up of the learning rate
+            group["lr"] = s.lr * min(1.0, (step + 1) / max(s.warmup_lr_steps, 1))
+        with self.scorer.capture() if scoring else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                losses = self.model.per_sample_loss(batch)  # (B,)
+            if w.batch_from == "losses":  # RHO-LOSS selection: chosen before the one backward
+                before = losses.detach().double().cpu().numpy()
+                chosen = w.batch_coef(table, BatchRecord(step, draw.rows, draw.coef, draw.payloads, before))
+                if chosen is not None:
+                    c = torch.as_tensor(chosen, dtype=torch.float32, device=self.device)
+            loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
+            loss.backward()
+        losses_np = losses.detach().double().cpu().numpy()
+        if not np.isfinite(losses_np).all():  # before anything learns from this batch
+            self._set_aside(table, draw, quarantine)
+            return None
+        record = BatchRecord(step, draw.rows, draw.coef, draw.payloads, losses_np)
+        if scoring:
+            assert validation.g_val is not None
+            dots, norms = self.scorer.scores(c, validation.g_val)
+            g_norm = float(torch.stack([g.float().square().sum() for g in validation.g_val]).sum().sqrt())
+            record = BatchRecord(
+                step,
+                draw.rows,
+                draw.coef,
+                draw.payloads,
+                losses_np,
+                dots.double().cpu().numpy(),
+                norms.double().cpu().numpy(),
+                g_norm,
+            )
+        w.observe(table, record)
+        if scoring:
+            self.scorings += 1
+            visits = table.cols["visits"]  # scored visits: counted here, whatever the rule
+            np.add.at(visits, draw.rows[visits[draw.rows] < np.iinfo(np.uint16).max], 1)
+            # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
+            # (only those taken from it: one drawn by weight is still queued, and would be queued twice)
+            again = draw.rows[draw.queued & (table.visits[draw.rows] < s.min_visits)]
+            table.fresh.extend(np.unique(again))
+        # L2RW re-weights this very batch from its scores: a second backward
+        batch_coef = w.batch_coef(table, record) if w.batch_from == "scores" else None
+        if batch_coef is not None:
+            self.opt.zero_grad(set_to_none=True)
+            c2 = torch.as_tensor(batch_coef, dtype=torch.float32, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                losses = self.model.per_sample_loss(batch)
+            loss = (c2 * losses.float()).sum()
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        if not bool(torch.isfinite(grad_norm)):  # a finite loss with an infinite gradient: same treatment
+            self._set_aside(table, draw, quarantine)
+            return None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        self.train_loss = lv if math.isnan(self.train_loss) else 0.95 * self.train_loss + 0.05 * lv
+        return True
+
+    def _set_aside(self, table: WeightTable, draw: Draw, quarantine: Quarantine) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        quarantine.set_aside(table, draw.rows, draw.payloads, self.model, self.autocast)
