@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 
 from app.errors import MalformedJSON, PayloadTooLarge, RequestTimeout, Unavailable, UnsupportedMediaType
-from app.schema import InputSpec, non_finite_error
+from app.schema import InputSpec, non_finite_error, wide_integer_error
 from store.buffer import SampleBuffer
 from store.config import Settings
 
@@ -119,7 +119,7 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> object:
         await _drain(chunks, DRAIN_LIMIT)
         raise UnsupportedMediaType(problem)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         await _drain(chunks, DRAIN_LIMIT)
         raise PayloadTooLarge(f"the body is {int(declared)} bytes; the limit is {limit} bytes (16 MiB)")
     body = bytearray()
@@ -132,7 +132,7 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> object:
     if not body:
         raise MalformedJSON("the body is empty; expected JSON")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         # The contract answers NaN/Infinity/1e999 in a sample with a 422 naming the sample and field:
         # the standard library reads them (as floats), so a second, lenient parse can say where they are.
@@ -143,3 +143,7 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> object:
         if (error := non_finite_error(lenient)) is not None:
             raise error from None
         raise MalformedJSON(f"the body is not valid JSON (NaN and Infinity are not allowed): {e}") from None
+    # orjson reads an integer beyond 64 bits as a float: refuse it rather than return it rounded
+    if (error := wide_integer_error(body)) is not None:
+        raise error
+    return value

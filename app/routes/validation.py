@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 
 from app.auth import require
-from app.deps import BufferDep, EngineDep, SpecDep, read_json
+from app.deps import BufferDep, EngineDep, SpecDep, read_json, run_db
 from app.errors import ValidationError
 from app.schema import VALIDATION_BODY, samples_list, to_record, validate_samples
 from store.buffer import ValidationSetFull
@@ -25,15 +25,13 @@ async def _write(request: Request, buffer: BufferDep, spec: SpecDep, engine: Eng
         count, version = await buffer.set_validation(payloads, append=append)
     except ValidationSetFull as e:
         raise ValidationError(str(e), field="samples") from None
-    await _record(engine, version, count, "append" if append else "replace")
+    await _record(request, engine, version, count, "append" if append else "replace")
     return {"count": count, "version": version}
 
 
-async def _record(engine: EngineDep, version: int, count: int, mode: str) -> None:
-    from starlette.concurrency import run_in_threadpool
-
-    try:
-        await run_in_threadpool(record_validation_version, engine, version, count, mode)
+async def _record(request: Request, engine: EngineDep, version: int, count: int, mode: str) -> None:
+    try:  # bounded by DATADIET_DATABASE_TIMEOUT: a hung database cannot hold the request
+        await run_db(request, record_validation_version, engine, version, count, mode)
     except Exception:  # the set itself is safely in Redis; the history row is best effort
         log.exception("could not record validation version %d", version)
 
