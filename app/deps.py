@@ -15,7 +15,6 @@ from sqlalchemy.engine import Engine
 from app.errors import MalformedJSON, PayloadTooLarge, RequestTimeout, Unavailable, UnsupportedMediaType
 from app.schema import InputSpec, non_finite_error, wide_integer_error
 from store.buffer import SampleBuffer
-from store.config import Settings
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # beyond this a refused upload is cut off instead of read to its end
@@ -24,10 +23,6 @@ T = TypeVar("T")
 
 def _buffer(request: Request) -> SampleBuffer:
     return request.app.state.buffer
-
-
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def _spec(request: Request) -> InputSpec:
@@ -39,7 +34,6 @@ def _engine(request: Request) -> Engine:
 
 
 BufferDep = Annotated[SampleBuffer, Depends(_buffer)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
 SpecDep = Annotated[InputSpec, Depends(_spec)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 

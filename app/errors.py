@@ -1,6 +1,6 @@
 """Domain errors, and the one place that renders every failure as ``{"error": {"type", "detail", ...}}``.
 
-Routes raise a ``DatadietError`` subclass; ``install_error_handlers`` renders those, request validation
+Routes raise an ``ApiError`` subclass; ``install_error_handlers`` renders those, request validation
 errors and the framework's own HTTP errors (404 unknown route, 405). Whatever else escapes a route is
 handled by ``app.middleware.ErrorsAsJSON``: a dependency failure (``unavailable_for``) becomes 503 with
 ``Retry-After``, anything else a 500, on a connection that stays open.
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 503 asks a client to wait before trying again (seconds)
 
 
-class DatadietError(Exception):
+class ApiError(Exception):
     status = 400
     type = "BadRequest"
     headers: ClassVar[Mapping[str, str] | None] = None
@@ -37,47 +37,46 @@ class DatadietError(Exception):
         return {"error": {"type": self.type, "detail": self.detail, **self.extra}}
 
 
-class BadRequest(DatadietError):
-    status, type = 400, "BadRequest"
-
-
-class MalformedJSON(DatadietError):
+class MalformedJSON(ApiError):
     status, type = 400, "MalformedJSON"
 
 
-class ValidationError(DatadietError):
+class InvalidInput(ApiError):
+    """The request is well-formed JSON but breaks a rule (a sample's field, a limit). Its wire ``type`` is
+    ``"ValidationError"``, as the contract names it; the class is named apart from pydantic's."""
+
     status, type = 422, "ValidationError"
 
 
-class Unauthorized(DatadietError):
+class Unauthorized(ApiError):
     status, type = 401, "Unauthorized"
     headers: ClassVar[Mapping[str, str] | None] = {"WWW-Authenticate": "Bearer"}
 
 
-class Forbidden(DatadietError):
+class Forbidden(ApiError):
     status, type = 403, "Forbidden"
 
 
-class NotFound(DatadietError):
+class NotFound(ApiError):
     status, type = 404, "NotFound"
 
 
-class RequestTimeout(DatadietError):
+class RequestTimeout(ApiError):
     """The request body stopped arriving. RFC 9110 §15.5.9: the server SHOULD close the connection."""
 
     status, type = 408, "RequestTimeout"
     headers: ClassVar[Mapping[str, str] | None] = {"Connection": "close"}
 
 
-class PayloadTooLarge(DatadietError):
+class PayloadTooLarge(ApiError):
     status, type = 413, "PayloadTooLarge"
 
 
-class UnsupportedMediaType(DatadietError):
+class UnsupportedMediaType(ApiError):
     status, type = 415, "UnsupportedMediaType"
 
 
-class Unavailable(DatadietError):
+class Unavailable(ApiError):
     status, type = 503, "Unavailable"
     headers: ClassVar[Mapping[str, str] | None] = {"Retry-After": str(RETRY_AFTER_S)}
 
@@ -149,8 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
     in ``ServerErrorMiddleware``, which re-raises, and the server then closes the connection).
     """
 
-    @app.exception_handler(DatadietError)
-    async def _domain(_: Request, exc: DatadietError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _domain(_: Request, exc: ApiError) -> JSONResponse:
         return _render(exc.status, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from app.errors import ValidationError
+from app.errors import InvalidInput
 from store.buffer import SampleRecord
 
 ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
@@ -313,7 +313,7 @@ def _is_unicode(s: str) -> bool:
     return True
 
 
-def _first_field_error(body: Any, problem: Callable[[Any], str | None]) -> ValidationError | None:
+def _first_field_error(body: Any, problem: Callable[[Any], str | None]) -> InvalidInput | None:
     """The 422 naming the first sample and field of ``body`` whose value has a ``problem``, or None."""
     samples = body.get("samples") if isinstance(body, dict) else None
     for i, s in enumerate(samples if isinstance(samples, list) else []):
@@ -321,14 +321,14 @@ def _first_field_error(body: Any, problem: Callable[[Any], str | None]) -> Valid
             message = problem(value) or (problem(field) and "the field name is not Unicode text")
             if message:
                 name = _name(field)
-                return ValidationError(
+                return InvalidInput(
                     f"samples[{i}].{name}: {message}; nothing was stored",
                     errors=[{"index": i, "field": name, "message": message}],
                 )
     return None
 
 
-def non_finite_error(body: Any) -> ValidationError | None:
+def non_finite_error(body: Any) -> InvalidInput | None:
     """For a body that strict JSON refused but a lenient parse read: the error naming the first sample
     and field that holds what strict JSON refuses (NaN, Infinity, 1e999, a lone surrogate), or None when
     no sample does."""
@@ -338,7 +338,7 @@ def non_finite_error(body: Any) -> ValidationError | None:
 _LONG_DIGIT_RUN = re.compile(rb"\d{19}")  # the shortest integer orjson rounds, -(2**63) - 1, has 19 digits
 
 
-def wide_integer_error(raw: bytes | bytearray) -> ValidationError | None:
+def wide_integer_error(raw: bytes | bytearray) -> InvalidInput | None:
     """For a body orjson parsed: orjson reads an integer beyond 64 bits as a float, silently dropping its
     digits, so ``meta`` would not be returned as sent. The error naming the first sample and field that
     holds one, or None. An exact second parse runs only when the bytes hold a run of 19 digits."""
@@ -354,15 +354,15 @@ def wide_integer_error(raw: bytes | bytearray) -> ValidationError | None:
 def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[Any]:
     """The ``samples`` array of a request body, checked for shape and count."""
     if not isinstance(body, dict):
-        raise ValidationError('the body must be a JSON object {"samples": [...]}', field="body")
+        raise InvalidInput('the body must be a JSON object {"samples": [...]}', field="body")
     extra = body.keys() - {"samples"}
     if extra:
-        raise ValidationError(f"unknown top-level field(s) {_names(extra)}", field=_name(min(extra)))
+        raise InvalidInput(f"unknown top-level field(s) {_names(extra)}", field=_name(min(extra)))
     samples = body.get("samples")
     if not isinstance(samples, list):
-        raise ValidationError('"samples" must be an array of samples', field="samples")
+        raise InvalidInput('"samples" must be an array of samples', field="samples")
     if not 1 <= len(samples) <= max_samples:
-        raise ValidationError(
+        raise InvalidInput(
             f"a request carries 1-{max_samples} samples, got {len(samples)}",
             field="samples",
             count=len(samples),
@@ -371,7 +371,7 @@ def samples_list(body: Any, max_samples: int = MAX_SAMPLES_PER_REQUEST) -> list[
 
 
 def validate_samples(samples: Sequence[Any], spec: InputSpec, *, require_source: bool = True) -> None:
-    """Raise one ValidationError listing every bad sample (up to a limit) by index and field."""
+    """Raise one InvalidInput listing every bad sample (up to a limit) by index and field."""
     errors = []
     for i, s in enumerate(samples):
         problem = _check_sample(s, spec, require_source)
@@ -383,7 +383,7 @@ def validate_samples(samples: Sequence[Any], spec: InputSpec, *, require_source:
         first = errors[0]
         where = f"samples[{first['index']}]" + (f".{first['field']}" if first["field"] else "")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ValidationError(f"{where}: {first['message']}{more}; nothing was stored", errors=errors)
+        raise InvalidInput(f"{where}: {first['message']}{more}; nothing was stored", errors=errors)
 
 
 def to_record(s: dict[str, Any]) -> SampleRecord:

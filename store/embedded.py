@@ -8,7 +8,6 @@ running server through its socket and shares it instead of starting another.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -110,8 +109,3 @@ def resolve_redis_url(configured: str | None, data_dir: Path) -> tuple[str, Embe
     server = EmbeddedRedis(data_dir)
     url = server.start()
     return url, (server if server.proc is not None else None)
-
-
-def env_with_redis(url: str) -> dict[str, str]:
-    """This process's environment with ``DATADIET_REDIS_URL`` set, for child processes."""
-    return {**os.environ, "DATADIET_REDIS_URL": url}

@@ -97,22 +97,3 @@ class Keys:
     @property
     def checkpoint_version(self) -> str:
         return self._k("checkpoint:version")
-
-    def all(self) -> list[str]:
-        """Every key of this deployment (for tests and resets)."""
-        return [
-            self.ids,
-            self.samples,
-            self.seq,
-            self.ingest,
-            self.rank,
-            self.counters,
-            self.val_samples,
-            self.val_version,
-            self.weights,
-            self.trainer,
-            self.quarantine,
-            self.lease,
-            self.fence,
-            self.checkpoint_version,
-        ]

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from store.checkpoints import CHECKPOINT_DIR, CHECKPOINT_SUFFIX, checkpoint_path, sha256_file
 from store.feed import TrainerFeed
+from store.histogram import HIST_EDGES
 from store.meta import Checkpoint, WeightSnapshot, latest_checkpoint
 from trainer.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from trainer.models.base import TrainModel
@@ -31,7 +32,6 @@ from trainer.table import WeightTable
 
 log = logging.getLogger("datadiet.trainer")
 
-HIST_EDGES = [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
 EFFECTIVE = 0.1  # a sample with weight >= 0.1 counts as used (CONTRACT.md, "effective fraction")
 
 

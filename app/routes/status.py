@@ -12,8 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from app.auth import require
-from app.deps import BufferDep, EngineDep, SettingsDep, run_db
+from app.deps import BufferDep, EngineDep, run_db
 from app.errors import RETRY_AFTER_S
+from store.config import Settings
 
 router = APIRouter(tags=["status"])
 
@@ -25,14 +26,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(
-    *, request: Request, buffer: BufferDep, engine: EngineDep, settings: SettingsDep
-) -> JSONResponse:
+async def readyz(*, request: Request, buffer: BufferDep, engine: EngineDep) -> JSONResponse:
     """Redis and the database answer: 200, else 503 naming what is down.
 
     Both are asked at once, each within its timeout (``DATADIET_REDIS_TIMEOUT``,
     ``DATADIET_DATABASE_TIMEOUT``; 1 s by default), so a hung dependency is reported in about a second.
     """
+    settings: Settings = request.app.state.settings
 
     async def redis_check() -> None:
         try:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from app.auth import require
 from app.deps import BufferDep, EngineDep, SpecDep, read_json, run_db
-from app.errors import ValidationError
+from app.errors import InvalidInput
 from app.schema import VALIDATION_BODY, samples_list, to_record, validate_samples
 from store.buffer import ValidationSetFull
 from store.meta import record_validation_version
@@ -24,7 +24,7 @@ async def _write(request: Request, buffer: BufferDep, spec: SpecDep, engine: Eng
     try:
         count, version = await buffer.set_validation(payloads, append=append)
     except ValidationSetFull as e:
-        raise ValidationError(str(e), field="samples") from None
+        raise InvalidInput(str(e), field="samples") from None
     await _record(request, engine, version, count, "append" if append else "replace")
     return {"count": count, "version": version}
 

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Query
 
 from app.auth import require
 from app.deps import BufferDep
-from app.errors import ValidationError
+from app.errors import InvalidInput
 from app.schema import ID_RE
+from store.histogram import uniform_histogram
 
 router = APIRouter(prefix="/v1/weights", tags=["weights"], dependencies=[require("read")])
 MAX_IDS = 10_000
@@ -21,7 +22,7 @@ async def get_weights(*, buffer: BufferDep) -> dict[str, Any]:
     doc = await buffer.weights_doc()
     if doc is None:  # the trainer has not published yet: everything is uniform
         size = (await buffer.stats())["buffer"]["size"]
-        hist = {"edges": [0.0, 0.1, 0.5, 1.0, 2.0, 5.0], "counts": [0, 0, 0, size, 0]}
+        hist = uniform_histogram(size)  # the trainer's bins (store.histogram), every sample at weight 1.0
         summary = {"count": size, "effective_fraction": 1.0, "mean": 1.0, "histogram": hist}
         return {"step": 0, "updated_at": None, "sources": {}, "summary": summary}
     return doc
@@ -41,13 +42,13 @@ async def get_sample_weights(
     if ids is not None:
         wanted = [i for i in ids.split(",") if i]
         if len(wanted) > MAX_IDS:
-            raise ValidationError(f"at most {MAX_IDS} ids per request, got {len(wanted)}", field="ids")
+            raise InvalidInput(f"at most {MAX_IDS} ids per request, got {len(wanted)}", field="ids")
         if (bad := next((i for i in wanted if not ID_RE.fullmatch(i)), None)) is not None:
             shown = bad if len(bad) <= 40 else bad[:40] + "..."
-            raise ValidationError(f"ids: {shown!r} is not 1-128 characters of [A-Za-z0-9._:-]", field="ids")
+            raise InvalidInput(f"ids: {shown!r} is not 1-128 characters of [A-Za-z0-9._:-]", field="ids")
         return {"step": step, "weights": await buffer.weights_of(wanted)}
     if order is None:
-        raise ValidationError("give either ids=a,b,c or order=asc|desc (with limit)", field="ids")
+        raise InvalidInput("give either ids=a,b,c or order=asc|desc (with limit)", field="ids")
     rows = await buffer.ranked(order, limit)
     return {
         "step": step,
