@@ -69,7 +69,7 @@ class SampleBuffer:
         for rec in records:
             args += (rec.id, rec.source, rec.group, rec.payload)
         k = self.k
-        keys = [k.ids, k.samples, k.seq, k.ingest, k.rank, k.counters]
+        keys = [k.ids, k.samples, k.seq, k.ingest, k.rank, k.counters, k.evictions]
         out = await self._ingest(keys=keys, args=args)
         return IngestResult(int(out[0]), int(out[1]), int(out[2]), [bool(f) for f in out[3:]])
 

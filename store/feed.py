@@ -139,6 +139,33 @@ class TrainerFeed:
         version, payloads = pipe.execute()
         return int(version or 0), [orjson.loads(p) for p in payloads]
 
+    def evictions(
+        self, after: tuple[str, int], count: int = 10_000
+    ) -> tuple[tuple[str, int], list[int], bool]:
+        """Ordinals the buffer evicted after ``after`` = (stream id, entry number) of the last entry read
+        (("0-0", 0) for none), at most ``count`` entries: (the new position, ordinals, complete).
+        ``complete`` is False when entries after ``after`` were trimmed from the capped stream before they
+        were read (the reader fell behind): the caller must check every sample instead."""
+        last_id, last_n = after
+        res = self.r.xrange(self.k.evictions, min=f"({last_id}", count=count)
+        ordinals: list[int] = []
+        complete = True
+        for i, (entry_id, fields) in enumerate(res):
+            n = int(fields[b"n"])
+            if i == 0 and last_n and n != last_n + 1:
+                complete = False
+            last_id, last_n = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), n
+            ordinals.extend(int(o) for o in fields[b"o"].split(b","))
+        return (last_id, last_n), ordinals, complete
+
+    def eviction_head(self) -> tuple[str, int]:
+        """The position of the newest evictions entry (("0-0", 0) when there is none)."""
+        res = self.r.xrevrange(self.k.evictions, count=1)
+        if not res:
+            return "0-0", 0
+        entry_id, fields = res[0]
+        return (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), int(fields[b"n"])
+
     def live_ordinals(self, ordinals: Sequence[int], chunk: int = 10_000) -> list[bool]:
         """Whether each ordinal is still in the buffer (its rank exists iff it was not evicted)."""
         out: list[bool] = []

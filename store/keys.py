@@ -6,9 +6,11 @@ A reader can list the whole Redis layout from this file:
     {p}:samples        hash    ordinal -> compact payload (orjson of the validated sample, id included)
     {p}:seq            string  last ordinal handed out (INCR)
     {p}:ingest         stream  one entry per accepted sample: o=<ordinal> s=<source> g=<content group>
+    {p}:evictions      stream  one entry per ingest request that evicted: n=<entry number> o=<ordinal>,...
+                               (capped; counters.eviction_entries numbers them)
     {p}:rank           zset    ordinal -> eviction/ranking score: the published weight, or
                                FRESH_BASE + ordinal for samples the trainer has not weighted yet
-    {p}:counters       hash    ingested, duplicates, evicted, quarantined
+    {p}:counters       hash    ingested, duplicates, evicted, quarantined, eviction_entries
     {p}:val:samples    list    validation payloads (orjson)
     {p}:val:version    string  validation-set version (INCR on every PUT/POST)
     {p}:weights        string  JSON document the trainer publishes for GET /v1/weights
@@ -57,6 +59,10 @@ class Keys:
     @property
     def ingest(self) -> str:
         return self._k("ingest")
+
+    @property
+    def evictions(self) -> str:
+        return self._k("evictions")
 
     @property
     def rank(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 INGEST = """
 -- Insert a batch of samples atomically, skipping ids already present, then evict down to capacity.
 -- KEYS[1] = ids hash     KEYS[2] = samples hash   KEYS[3] = seq         KEYS[4] = ingest stream
--- KEYS[5] = rank zset    KEYS[6] = counters hash
+-- KEYS[5] = rank zset    KEYS[6] = counters hash   KEYS[7] = evictions stream
 -- ARGV[1] = capacity (max live samples)   ARGV[2] = FRESH_BASE   ARGV[3] = stream MAXLEN (approximate)
 -- ARGV[4 + 4k .. 7 + 4k] = id, source, content group, payload of sample k
 -- returns {accepted, duplicates, evicted, flag_1, ..., flag_n} (flag 1 = accepted, 0 = duplicate)
@@ -52,6 +52,7 @@ local over = redis.call('HLEN', KEYS[2]) - cap
 if over > 0 then
   -- lowest rank first: the trainer's lowest weights, else the oldest never-weighted samples
   local victims = redis.call('ZPOPMIN', KEYS[5], over)
+  local gone = {}
   for i = 1, #victims, 2 do
     local o = victims[i]
     local payload = redis.call('HGET', KEYS[2], o)
@@ -60,7 +61,14 @@ if over > 0 then
       -- payloads are compact JSON whose first key is the id (no escapes: ids are [A-Za-z0-9._:-])
       redis.call('HDEL', KEYS[1], string.match(payload, '^{"id":"([^"]*)"'))
       evicted = evicted + 1
+      gone[#gone + 1] = o
     end
+  end
+  -- one entry per request: the trainer reads evictions instead of asking about every sample it holds
+  -- n numbers the entries, so a reader can tell that entries it never read were trimmed away
+  if #gone > 0 then
+    local n = redis.call('HINCRBY', KEYS[6], 'eviction_entries', 1)
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'n', n, 'o', table.concat(gone, ','))
   end
 end
 if accepted > 0 then redis.call('HINCRBY', KEYS[6], 'ingested', accepted) end

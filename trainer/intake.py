@@ -64,6 +64,7 @@ class Intake:
         self.feed, self.settings = feed, settings
         self.cache = PayloadCache(feed, settings.payload_cache, redis_dep)
         self.unacked: list[str] = []  # entry ids in the table but not yet in a saved checkpoint
+        self.evictions_at = ("0-0", 0)  # the evictions stream read up to here (id, entry number)
 
     def add(self, table: WeightTable, entries: list[StreamEntry]) -> None:
         if not entries:
@@ -100,11 +101,27 @@ class Intake:
             self.add(table, entries)
 
     def sync_evictions(self, table: WeightTable) -> None:
-        """Mark rows whose samples the buffer evicted (by the API's capacity bound) since we last looked."""
+        """Mark the rows whose samples the buffer no longer holds, asking Redis about every live row (at
+        start, or when the evictions stream was trimmed before it was read); O(rows) round trips / 10k."""
+        head = self.feed.eviction_head()  # first: what is evicted from now on is read from the stream
         rows = np.flatnonzero(table.alive)
         if len(rows):
             live = np.asarray(self.feed.live_ordinals(table.ordinal[rows].tolist()), dtype=np.bool_)
             table.kill(rows[np.logical_not(live)])
+        self.evictions_at = head
+
+    def read_evictions(self, table: WeightTable) -> None:
+        """Mark the rows of samples the buffer evicted since the last read, from the evictions stream the
+        ingest script writes (O(evicted)); a full ``sync_evictions`` if the reader fell behind its cap."""
+        while True:
+            at, ordinals, complete = self.feed.evictions(self.evictions_at)
+            if not complete:
+                self.sync_evictions(table)
+                return
+            if at == self.evictions_at:  # nothing new
+                return
+            self.evictions_at = at
+            table.kill(table.rows_of(np.asarray(ordinals, dtype=np.int64)))
 
     def ack(self) -> None:
         """Acknowledge what a saved checkpoint now holds, and trim the stream (Redis errors propagate)."""

@@ -145,6 +145,8 @@ class Trainer:
             self.redis.attempt(self.poll)
             if self.step % s.validation_check_every == 0 or not self.validation.samples:
                 self.redis.attempt(self.refresh_validation)
+            if self.step % s.reweight_every == 0:  # evicted samples leave the table before a reweight
+                self.redis.attempt(lambda: self.intake.read_evictions(self.table))
             if self.quarantine.pending:
                 self.redis.attempt(lambda: self.quarantine.flush(self.feed, self.step))
             if self.publisher.pending:
@@ -216,7 +218,7 @@ class Trainer:
     def checkpoint(self) -> bool:
         """Publish weights and write a checkpoint; whether it was written. Redis unavailable: not now
         (``checkpoint_due`` retries it); database unavailable: written, its row registered later."""
-        self.redis.attempt(lambda: self.intake.sync_evictions(self.table))
+        self.redis.attempt(lambda: self.intake.read_evictions(self.table))
         self.table.compact()  # rows of evicted samples go; the cache is keyed by ordinal, not row
         self.sampler.reweight(self.table, self.learner.weighting.weights(self.table, self.step))
         self.redis.attempt(self.publish)

@@ -89,6 +89,7 @@ class WeightTable:
         self.evicted = 0  # rows dropped because their sample left the buffer
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
+        self._sorted = True  # rows are in ordinal order (true unless a re-delivered entry came late)
 
     # columns -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> np.ndarray:
@@ -153,6 +154,9 @@ class WeightTable:
         if not keep.any():
             return np.empty(0, dtype=np.int64)
         ordinals, groups = ordinals[keep], np.asarray(groups, dtype=np.uint64)[keep]
+        self._sorted = (
+            self._sorted and int(ordinals[0]) > self._max_ordinal and bool(np.all(np.diff(ordinals) > 0))
+        )
         src = np.array([self.source_id(s) for s, k in zip(sources, keep, strict=True) if k], dtype=np.uint16)
         rows = np.arange(self.n, self.n + len(ordinals))
         self._reserve(self.n + len(ordinals))
@@ -171,6 +175,18 @@ class WeightTable:
         self.tree.update(rows, np.full(len(rows), mass))
         self.fresh.extend(rows)
         return rows
+
+    def rows_of(self, ordinals: np.ndarray) -> np.ndarray:
+        """The rows holding these ordinals (those not in the table are skipped): a binary search while
+        the rows are in ordinal order, else a scan."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        o = self.ordinal
+        if not len(o) or not len(ordinals):
+            return np.empty(0, dtype=np.int64)
+        if self._sorted:
+            idx = np.minimum(np.searchsorted(o, ordinals), len(o) - 1)
+            return idx[o[idx] == ordinals].astype(np.int64)
+        return np.flatnonzero(np.isin(o, ordinals))
 
     def kill(self, rows: np.ndarray, *, evicted: bool = True) -> None:
         """Mark rows dead: their samples were evicted from the buffer (counted in ``evicted``), or
@@ -253,6 +269,7 @@ class WeightTable:
         t.n = n
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1
+        t._sorted = bool(np.all(np.diff(t.ordinal) > 0))
         cohorts = info.get("cohorts") or [0] * len(info["sources"])
         for s, c in zip(info["sources"], cohorts, strict=True):
             t.source_id(s, c)

@@ -150,3 +150,42 @@ def test_fetch_returns_none_for_evicted_samples(redis_url: str, redis_client: re
     assert payloads[:2] == [None, None]  # ...whose payloads are gone
     assert [p["id"] for p in payloads[2:] if p] == [f"s{i}" for i in range(2, 12)]
     assert trainer.live_ordinals([1, 3]) == [False, True]
+
+
+def test_the_trainer_reads_what_the_buffer_evicted_from_a_stream_and_notices_when_it_fell_behind(
+    redis_client: redis.Redis,
+) -> None:
+    """Evictions are read from the stream the ingest script writes (O(evicted)), not by asking about every
+    sample; a reader whose unread entries were trimmed is told to check everything instead."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from app.schema import to_record
+    from store.buffer import SampleBuffer
+
+    url = redis_client.connection_pool.connection_kwargs
+    client_url = f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"
+
+    async def post(ids: range) -> None:
+        client = aioredis.Redis.from_url(client_url)
+        try:
+            buffer = SampleBuffer(client, Keys(), 5, 10)
+            for i in ids:  # one request each: each over capacity evicts the oldest
+                await buffer.ingest(
+                    [to_record({"id": f"s{i}", "source": "a", "input": f"{i}", "target": "x"})]
+                )
+        finally:
+            await client.aclose()
+
+    feed = TrainerFeed(redis_client, Keys())
+    start = feed.eviction_head()
+    asyncio.run(post(range(8)))  # 8 into a buffer of 5: ordinals 1, 2, 3 evicted, one entry each
+    at, ordinals, complete = feed.evictions(start)
+    assert (ordinals, complete) == ([1, 2, 3], True)
+    assert feed.evictions(at)[1:] == ([], True)  # nothing new
+    asyncio.run(post(range(8, 9)))  # evicts ordinal 4: entry 4 ...
+    redis_client.xtrim(Keys().evictions, maxlen=0)  # ... which the stream's cap trims before it is read
+    asyncio.run(post(range(9, 10)))
+    _, ordinals, complete = feed.evictions(at)
+    assert complete is False and ordinals == [5]  # entry 4 (ordinal 4) is gone: a full check is due
