@@ -308,11 +308,9 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     when every score is the same (a rule with no per-sample weights)."""
     if positive.all() or not positive.any() or np.ptp(scores) <= 1e-9 * max(1.0, float(np.abs(scores).max())):
         return math.nan
-    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
 
-    ranks = rankdata(scores)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def content_auc(samples: list[dict[str, Any]], w: np.ndarray, positive: np.ndarray) -> float:
