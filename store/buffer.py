@@ -193,6 +193,11 @@ class SampleBuffer:
             )
         return out
 
+    async def mark_download(self, version: int, until: float) -> None:
+        """Checkpoint ``version`` is in use (a download streams it, or may resume it by Range) until the
+        unix time ``until``: retention keeps its file until then (trainer/publish.py)."""
+        await self.r.zadd(self.k.downloads, {str(version): until})
+
     async def weights_doc(self) -> dict[str, Any] | None:
         raw = await self.r.get(self.k.weights)
         return json.loads(raw) if raw else None

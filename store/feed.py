@@ -158,6 +158,11 @@ class TrainerFeed:
             ordinals.extend(int(o) for o in fields[b"o"].split(b","))
         return (last_id, last_n), ordinals, complete
 
+    def checkpoints_in_use(self, now: float) -> set[int]:
+        """Versions a download is streaming or may resume (``mark_download``); stale marks are dropped."""
+        self.r.zremrangebyscore(self.k.downloads, "-inf", f"({now}")
+        return {int(v) for v in self.r.zrangebyscore(self.k.downloads, now, "+inf")}
+
     def eviction_head(self) -> tuple[str, int]:
         """The position of the newest evictions entry (("0-0", 0) when there is none)."""
         res = self.r.xrevrange(self.k.evictions, count=1)

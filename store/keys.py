@@ -19,6 +19,8 @@ A reader can list the whole Redis layout from this file:
                                step, payload; their payloads left the samples hash and the rank zset
     {p}:trainer:lease  string  "<fencing token> <host> <pid>" of the trainer that may write, with a TTL
     {p}:trainer:fence  string  the last fencing token handed out (INCR; only grows)
+    {p}:downloads      zset    checkpoint version -> unix time until which it is in use (streaming, or
+                               resumable by Range): retention never deletes it before then
     {p}:checkpoint:version string  the last checkpoint version reserved (a version is reserved, under the
                                lease, before its file is written)
 
@@ -99,6 +101,10 @@ class Keys:
     @property
     def fence(self) -> str:
         return self._k("trainer:fence")
+
+    @property
+    def downloads(self) -> str:
+        return self._k("downloads")
 
     @property
     def checkpoint_version(self) -> str:

@@ -246,6 +246,9 @@ class Trainer:
         self.checkpointed_step = self.step
         self.redis.attempt(self.intake.ack)  # the saved table holds them now
         registered, _ = self.db.attempt(self.publisher.register_pending)
+        if registered:
+            s = self.settings
+            self.db.attempt(lambda: self.publisher.prune(s.keep_checkpoints, s.keep_weight_snapshots))
         log.info(
             "published checkpoint v%d at step %d (val_loss %s)%s",
             values["version"],

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -159,6 +160,30 @@ class Publisher:
             prune_states(self.data_dir, values["version"])
             done += 1
         return done
+
+    def prune(self, keep: int, keep_snapshots: int) -> list[int]:
+        """Retention: delete checkpoints older than the newest ``keep`` (their SQL row first, then the
+        file), except one a download is streaming or may still resume (store/feed.py
+        ``checkpoints_in_use``); keep the newest ``keep_snapshots`` weight snapshots. Returns the versions
+        deleted. Raises the database's and Redis's errors. Never deletes the newest checkpoint."""
+        in_use = self.feed.checkpoints_in_use(time.time())
+        with Session(self.engine) as session, session.begin():
+            versions = session.scalars(select(Checkpoint.version).order_by(Checkpoint.version.desc())).all()
+            doomed = [v for v in versions[max(keep, 1) :] if v not in in_use]
+            rows = session.scalars(select(Checkpoint).where(Checkpoint.version.in_(doomed))).all()
+            paths = [Path(r.path) for r in rows]
+            if doomed:
+                session.execute(delete(Checkpoint).where(Checkpoint.version.in_(doomed)))
+            cutoff = session.scalars(
+                select(WeightSnapshot.id).order_by(WeightSnapshot.id.desc()).offset(keep_snapshots).limit(1)
+            ).first()
+            if cutoff is not None:
+                session.execute(delete(WeightSnapshot).where(WeightSnapshot.id <= cutoff))
+        for path in paths:  # the rows are gone: nobody is sent to these files any more
+            path.unlink(missing_ok=True)
+        if doomed:
+            log.info("retention: deleted checkpoints %s (keeping the newest %d)", doomed, keep)
+        return doomed
 
     def refresh_known_version(self) -> int:
         """The newest checkpoint version in the database (raises its errors)."""

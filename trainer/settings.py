@@ -67,6 +67,15 @@ class TrainerSettings(Settings):
     claim_idle_ms: int = Field(60_000, ge=1)
     consumer: str = "trainer-0"
 
+    # retention
+    keep_checkpoints: int = Field(
+        20,
+        ge=1,
+        description="published checkpoints kept (the newest; older ones are deleted unless a "
+        "download is streaming one, or may still resume it)",
+    )
+    keep_weight_snapshots: int = Field(10_000, ge=1, description="weight-history rows kept in SQL")
+
     # faults
     lease_ttl_s: float = Field(
         30.0,

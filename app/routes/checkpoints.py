@@ -11,13 +11,16 @@ file starts streaming), within ``DATADIET_DATABASE_TIMEOUT``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -27,6 +30,7 @@ from app.auth import require
 from app.deps import run_db
 from app.errors import NotFound
 from app.middleware import is_head
+from store.buffer import SampleBuffer
 from store.meta import Checkpoint, latest_checkpoint
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[require("read")])
@@ -80,15 +84,30 @@ async def get_checkpoint(*, version: Version, request: Request) -> dict[str, Any
     return (await run_db(request, _find, request.app.state.engine, version)).detail()
 
 
+IN_USE_WHILE_STREAMING_S = 3600.0  # a download marks its checkpoint in use for at most this long ...
+IN_USE_AFTER_S = 600.0  # ... and for this long after it ends, so a Range resume still finds the file
+
+
 class _CheckpointFile(FileResponse):
     """A ``FileResponse`` that ignores a ``Range`` whose unit is not ``bytes``: RFC 9110 §14.2, "An origin
-    server MUST ignore a Range header field that contains a range unit it does not understand"."""
+    server MUST ignore a Range header field that contains a range unit it does not understand". While it
+    streams (and IN_USE_AFTER_S after), its checkpoint is marked in use: retention keeps the file."""
+
+    def __init__(self, *args: Any, buffer: SampleBuffer, version: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer, self.version = buffer, version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope.get("headers", [])
         if any(name == b"range" and not _is_bytes_range(value) for name, value in headers):
             scope = {**scope, "headers": [(n, v) for n, v in headers if n != b"range"]}
-        await super().__call__(scope, receive, send)
+        with contextlib.suppress(RedisError):  # best effort: the download itself needs no Redis
+            await self.buffer.mark_download(self.version, time.time() + IN_USE_WHILE_STREAMING_S)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(RedisError):
+                await self.buffer.mark_download(self.version, time.time() + IN_USE_AFTER_S)
 
 
 def _is_bytes_range(value: bytes) -> bool:
@@ -121,6 +140,8 @@ async def download_checkpoint(*, version: Version, request: Request) -> Response
         media_type="application/octet-stream",
         headers=headers,
         filename=f"datadiet-v{ckpt.version}.safetensors",
+        buffer=request.app.state.buffer,
+        version=ckpt.version,
     )
     if is_head(request):  # the same headers (Content-Length, ETag, ...), without reading the file
         return Response(status_code=200, headers=dict(response.headers))
