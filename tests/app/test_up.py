@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from app.supervise import StartError, bind_listener, hold_lock
-from tests.conftest import REPO_ROOT, datadiet_env, free_port, stop_process_group
+from store.processes import datadiet_env, free_port, spawn, stop_process_group, wait_until_ready
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +51,6 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready in {timeout}s")
-
-
 def api_pid(pid: int) -> int:
     for p in descendants(pid):
         try:
@@ -76,23 +65,9 @@ def api_pid(pid: int) -> int:
 def test_up_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = datadiet_env(
-        data_dir=str(tmp_path / "data"),
-        model="mlp",
-        model_config='{"n_features": 4, "n_classes": 3}',
-        torch_threads="1",
-    )
-    log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, _ = start_up(tmp_path, "data", port)
     try:
-        wait_ready(url)
+        wait_until_ready(url, timeout=60)
         procs = descendants(proc.pid)
         assert len(procs) >= 3  # embedded redis, API, trainer
         sample = {"source": "a", "input": [1, 2, 3, 4], "target": 1}
@@ -103,7 +78,7 @@ def test_up_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path) -> None:
         time.sleep(0.5)
         # the supervisor holds the port: a request sent while no API runs waits for the next one, not refused
         assert httpx.get(url + "/healthz", timeout=60).status_code == 200
-        wait_ready(url, timeout=30)  # restarted after a backoff, on the same embedded Redis
+        wait_until_ready(url, timeout=30)  # restarted after a backoff, on the same embedded Redis
         assert api_pid(proc.pid) != crashed
         assert httpx.get(url + "/v1/stats").json()["buffer"]["ingested"] == 1  # nothing lost
 
@@ -114,7 +89,6 @@ def test_up_restarts_a_crashed_child_and_stops_cleanly(tmp_path: Path) -> None:
         assert [p for p in procs if alive(p)] == []
     finally:
         stop_process_group(proc)
-        log.close()
 
 
 MLP = {"model": "mlp", "model_config": '{"n_features": 4, "n_classes": 3}', "torch_threads": "1"}
@@ -125,11 +99,9 @@ def start_up(tmp_path: Path, name: str, port: int, **settings: str) -> tuple[sub
     to a log of its own (returned)."""
     log = tmp_path / f"{name}-{secrets.token_hex(4)}.log"
     env = datadiet_env(**{"data_dir": str(tmp_path / name), **MLP, **settings})
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = spawn(
+        [sys.executable, "-m", "app.cli", "up", "--port", str(port)], log=log, env=env, cwd=REPO_ROOT
+    )
     return proc, log
 
 
@@ -163,7 +135,7 @@ def test_a_second_up_fails_fast_on_the_first_ones_port_or_data_dir(tmp_path: Pat
     port = free_port()
     first, _ = start_up(tmp_path, "data", port)
     try:
-        wait_ready(f"http://127.0.0.1:{port}")
+        wait_until_ready(f"http://127.0.0.1:{port}", timeout=60)
         procs = descendants(first.pid)
 
         # the reported case: same port, other data dir -- it used to print "up", then restart its API forever

@@ -17,7 +17,8 @@ import redis
 from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import make_engine, migrate
-from tests.conftest import REPO_ROOT, datadiet_env
+from store.processes import datadiet_env, spawn
+from tests.conftest import REPO_ROOT
 from trainer.loop import Trainer
 from trainer.settings import TrainerSettings
 
@@ -56,15 +57,7 @@ def start_trainer(redis_url: str, data_dir: Path, log: Path, **settings: str) ->
         torch_threads="1",
         **settings,
     )
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "trainer"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return spawn([sys.executable, "-m", "trainer"], log=log, env=env, cwd=REPO_ROOT)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:
