@@ -1,5 +1,5 @@
-"""The HTTP face of datadiet: ingest samples, serve weights and checkpoints (``create_app``)."""
+"""The HTTP face of datadiet: ``app.main.create_app`` builds the API.
 
-from app.main import create_app
-
-__all__ = ["create_app"]
+Importing ``app`` imports nothing else: FastAPI, Redis and SQLAlchemy load with the modules that need
+them (``uvicorn --factory app.main:create_app``), so ``app.cli`` and the demo start without them.
+"""

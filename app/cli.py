@@ -17,11 +17,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.text_table import print_table
+
 if TYPE_CHECKING:
+    from datadiet import Client
     from store.config import Settings
 
 DEFAULT_URL = os.environ.get("DATADIET_URL", "http://127.0.0.1:8000")
@@ -158,11 +162,44 @@ class ProgressBar:
             print(file=sys.stderr)
 
 
-def cmd_push(args: argparse.Namespace) -> int:
-    from app.client import Client
+def _client(args: argparse.Namespace) -> Client:
+    """The client for one command: 429/503 are retried, nothing listening fails at once."""
+    from datadiet import Client
 
+    return Client(args.url, api_key=args.api_key, connect_retries=0)
+
+
+def _says_plainly(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """An API error or an unreachable API is one line on stderr and exit 1, not a traceback."""
+
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        import httpx
+
+        from datadiet import DatadietError
+
+        try:
+            return command(args)
+        except DatadietError as e:
+            cause = e.__cause__
+            if e.status is None and isinstance(cause, httpx.TransportError):
+                reason = str(cause) or type(cause).__name__
+                if isinstance(cause, httpx.ConnectError) and "refused" in reason.lower():
+                    reason = "connection refused"
+                elif isinstance(cause, httpx.TimeoutException):
+                    reason = "timed out"
+                print(f"datadiet: cannot reach the API at {args.url}: {reason}", file=sys.stderr)
+            else:
+                print(f"datadiet: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_says_plainly
+def cmd_push(args: argparse.Namespace) -> int:
     samples = list(_read_jsonl(Path(args.file)))
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         if args.validation:
             out = client.set_validation(samples, append=args.append)
             print(f"validation set v{out['version']}: {out['count']} samples")
@@ -174,15 +211,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+@_says_plainly
 def cmd_weights(args: argparse.Namespace) -> int:
-    from app.client import Client
-
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         if args.lowest or args.highest:
             doc = client.ranked("asc" if args.lowest else "desc", args.lowest or args.highest)
             sources = doc.get("sources", {})
             ranked = [(i, sources.get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
-            _table(["sample", "source", "weight"], ranked)
+            print_table(["sample", "source", "weight"], ranked)
             return 0
         doc = client.weights()
     stats = doc.get("source_stats", {})
@@ -196,28 +232,18 @@ def cmd_weights(args: argparse.Namespace) -> int:
         for name, share in sorted(doc["sources"].items(), key=lambda kv: -kv[1])
     ]
     print(f"step {doc['step']}  updated {doc.get('updated_at') or 'never'}")
-    _table(["source", "share", "samples", "mean weight"], rows)
+    print_table(["source", "share", "samples", "mean weight"], rows)
     s = doc["summary"]
     print(f"\n{s['count']:,} live samples, effective fraction {s['effective_fraction']:.2f}")
     return 0
 
 
+@_says_plainly
 def cmd_pull(args: argparse.Namespace) -> int:
-    from app.client import Client
-
-    with Client(args.url, api_key=args.api_key) as client:
+    with _client(args) as client:
         path = client.pull_checkpoint(args.dest, version=args.version)
     print(path)
     return 0
-
-
-def _table(header: list[str], rows: list[tuple[Any, ...]]) -> None:
-    cells = [header, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, r in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def parser() -> argparse.ArgumentParser:

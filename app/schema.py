@@ -20,11 +20,11 @@ import numpy as np
 import orjson
 
 from app.errors import InvalidInput
+from datadiet.contract import MAX_SAMPLES_PER_REQUEST, content_id
 from store.buffer import SampleRecord
 
 ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
 ID_RE = re.compile(ID_PATTERN)
-MAX_SAMPLES_PER_REQUEST = 10_000
 MAX_TEXT_BYTES = 8_192
 MAX_META_BYTES = 4_096
 MAX_JSON_DEPTH = 64  # levels of objects/arrays in meta: orjson.dumps refuses past 254, repr near 1,000
@@ -104,12 +104,6 @@ class InputSpec:
         if input_kind == "vector":
             return cls("vector", int(params.get("n_features", 64)), int(params.get("n_classes", 10)))
         return cls(input_kind)
-
-
-def content_id(source: Any, input: Any, target: Any) -> str:
-    """The contract's default id: sha256 of the canonical JSON of (source, input, target)."""
-    canon = orjson.dumps({"input": input, "source": source, "target": target}, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canon).hexdigest()
 
 
 def _normal_text(s: str) -> str:

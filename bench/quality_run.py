@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from app.client import Client
 from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
 from app.schema import content_group
+from datadiet import Client
 from tests.conftest import datadiet_env, free_port, start_redis_server, stop_process_group, wait_until_ready
 from trainer import load_checkpoint
 

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.client import Client
 from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
 from app.supervise import Supervisor
+from app.text_table import print_table
+from datadiet import Client, load_checkpoint
 from store.config import Settings
 
 BATCH = 50
@@ -47,8 +48,6 @@ def _agents(
 
 
 def _accuracy(client: Client, dest: Path, test: list[dict[str, Any]]) -> tuple[float, int] | None:
-    from trainer import load_checkpoint
-
     meta = client.latest_checkpoint()
     if meta is None:
         return None
@@ -137,8 +136,6 @@ def _live_line(client: Client, steps: int, acc: tuple[float, int] | None, elapse
 def _summary(
     client: Client, scn: Scenario, counts: dict[str, int], start_acc: float, acc: tuple[float, int] | None
 ) -> None:
-    from app.cli import _table
-
     w = client.weights()
     stats = w.get("source_stats", {})
     rows = []
@@ -153,7 +150,7 @@ def _summary(
             )
         )
     print("\nWhat datadiet learned about each agent (true quality is hidden from it):\n")
-    _table(["agent", "true quality", "share of training", "mean weight", "samples sent"], rows)
+    print_table(["agent", "true quality", "share of training", "mean weight", "samples sent"], rows)
     b = client.stats()["buffer"]
     s = w["summary"]
     used = round(s["effective_fraction"] * s["count"])

@@ -1,4 +1,4 @@
-"""``app.client``: the agents' client, over HTTP against the real API (uvicorn in a subprocess).
+"""``datadiet.Client``: the agents' client, over HTTP against the real API (uvicorn in a subprocess).
 
 Faults are real: an answer lost between the server and the client is a transport wrapper that forwards
 each request to the server and then replaces its answer; a Redis outage is the API's redis-server
@@ -24,9 +24,9 @@ import redis
 import torch
 from sqlalchemy.orm import Session
 
-from app.client import Client, DatadietError
 from app.demo.scenarios import MLP_DIGITS
 from app.schema import content_id
+from datadiet import Client, DatadietError
 from store.checkpoints import checkpoint_path
 from store.meta import Checkpoint, make_engine, next_checkpoint_version
 from tests.conftest import RedisServer, free_port, redis_server_binary

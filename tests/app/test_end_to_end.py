@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client import Client, load_latest
 from app.demo.scenarios import MLP_DIGITS, Scenario, build_scenario
+from datadiet import Client, load_latest
 from tests.conftest import datadiet_env, free_port, start_redis_server, stop_process_group, wait_until_ready
 from trainer import load_checkpoint
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from app.client import Client, load_latest
+    from datadiet import Client, load_checkpoint, load_latest
 
     with Client("http://127.0.0.1:8000", api_key=None) as dd:
         dd.set_validation([{"input": [0.0] * 64, "target": 3}])                  # the task to get better at
@@ -13,11 +13,14 @@ Usage::
         dd.wait_for_checkpoint(min_version=1, timeout=300)
         path = dd.pull_checkpoint("models/")            # models/model.safetensors; a no-op if current
 
-    model = load_latest("http://127.0.0.1:8000")        # pull into a per-server cache and load
+    model = load_checkpoint(path)                       # or load_latest(url): pull into a cache, load
     model.predict([[0.0] * 64])
 
-Transient failures are retried with exponential backoff and jitter: 429 and 503 answers (after their
-``Retry-After`` when given), connection errors and timeouts. Retrying ingest is safe because ingest is
+Transient failures are retried: a refused or timed-out connection by httpx's transport
+(``httpx.HTTPTransport(retries=connect_retries)``; nothing was sent, so any request may try again), and
+429 and 503 answers (after their ``Retry-After`` when given) and, for idempotent requests, read timeouts
+and dropped connections by tenacity, with exponential backoff and jitter. Retrying ingest is safe because
+ingest is
 idempotent by id, and the client gives every sample without an ``id`` its contract id (the sha256 of the
 canonical JSON of source, input and target) before the first try, so a retried batch is counted as
 duplicates, never stored twice. Any other error answer raises :class:`DatadietError` at once, carrying the
@@ -44,8 +47,9 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_result, stop_after_attempt
 
-from app.schema import MAX_SAMPLES_PER_REQUEST, content_id
+from datadiet.contract import MAX_SAMPLES_PER_REQUEST, content_id
 from store.checkpoints import sha256_file
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8000"
 CHECKPOINT_FILE = "model.safetensors"
 RETRY_STATUSES = frozenset({429, 503})
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)  # nothing was sent: any request may retry
 MAX_DELAY_S = 60.0  # cap on one wait between tries, Retry-After included
 MAX_IDS_QUERY_CHARS = 6_000  # ids per GET /v1/weights/samples, so the request line stays well under 16 KiB
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -125,9 +130,12 @@ class IngestSummary:
 class Client:
     """A synchronous datadiet client (one connection pool; thread-safe as ``httpx.Client`` is).
 
-    ``retries`` is the number of extra tries after a transient failure; the wait before try ``k`` is
-    ``backoff * 2**k`` seconds, times a random factor in [0.5, 1.5), or the server's ``Retry-After``.
-    ``transport`` replaces httpx's (tests, proxies, ``httpx.MockTransport``).
+    ``retries`` is the number of extra tries after a 429/503 answer or a transient failure; the wait
+    before try ``k`` is ``backoff * 2**k`` seconds, times a random factor in [0.5, 1.5), or the server's
+    ``Retry-After``. ``connect_retries`` (default ``retries``) is the number of extra tries after a
+    refused or timed-out connection: httpx's transport makes them (waiting 0, 0.5, 1, 2, ... s), or the
+    client when ``transport`` replaces httpx's (tests, proxies, ``httpx.MockTransport``). The CLI uses
+    ``connect_retries=0``: nothing listening is one line at once, not a minute of waiting.
     """
 
     def __init__(
@@ -139,12 +147,19 @@ class Client:
         retries: int = 5,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        connect_retries: int | None = None,
     ) -> None:
-        if retries < 0 or backoff < 0:
-            raise ValueError(f"retries and backoff must be >= 0, got {retries} and {backoff}")
+        connect_retries = retries if connect_retries is None else connect_retries
+        if retries < 0 or backoff < 0 or connect_retries < 0:
+            raise ValueError(f"retries, backoff and connect_retries must be >= 0, got {retries}, {backoff}, "
+                             f"{connect_retries}")  # fmt: skip
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
+        self.connect_retries = connect_retries
+        self._transport_retries_connects = transport is None
+        if transport is None:
+            transport = httpx.HTTPTransport(retries=connect_retries)
         headers = {"User-Agent": "datadiet-client/0.1", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -372,34 +387,64 @@ class Client:
         idempotent: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send with retries; returns the first answer that is not 429/503, or the last one.
+        """Send with retries; returns the first answer that is not 429/503, or raises DatadietError.
 
-        Connection failures are retried for every request; read timeouts and dropped connections only
-        when the request is ``idempotent`` (the server may have acted on it).
+        At most ``retries + 1`` tries (tenacity): a 429/503 answer is tried again after its Retry-After
+        or the backoff; read timeouts and dropped connections only when the request is ``idempotent``
+        (the server may have acted on it). Refused connections are the transport's (``connect_retries``).
         """
         request = self._http.build_request(method, path, **kwargs)
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                response = self._http.send(request, stream=stream)
-            except httpx.TransportError as e:
-                retryable = idempotent or isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
-                if not retryable or attempt + 1 >= attempts:
-                    raise _unreachable(self.url, e, attempt + 1) from e
-                wait = self._delay(attempt, None)
-                log.warning("%s %s: %s; retrying in %.2fs", method, path, e or type(e).__name__, wait)
+        tries = connect_failures = 0
+
+        def send() -> httpx.Response:
+            nonlocal tries
+            tries += 1
+            return self._http.send(request, stream=stream)
+
+        def transient(exc: BaseException) -> bool:
+            nonlocal connect_failures
+            if isinstance(exc, CONNECT_ERRORS):  # httpx's transport has retried it already; a caller's not
+                connect_failures += 1
+                return not self._transport_retries_connects and connect_failures <= self.connect_retries
+            return idempotent and isinstance(exc, httpx.TransportError)
+
+        def before_sleep(state: RetryCallState) -> None:
+            assert state.outcome is not None and state.next_action is not None
+            if state.outcome.failed:
+                e = state.outcome.exception()
+                why = str(e) or type(e).__name__
             else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-                if attempt + 1 >= attempts:
-                    if stream:
-                        response.read()
-                    raise DatadietError.from_response(response, f"gave up after {attempts} tries")
-                wait = self._delay(attempt, response.headers.get("Retry-After"))
+                response = state.outcome.result()
                 response.close()
-                log.warning("%s %s: HTTP %d; retrying in %.2fs", method, path, response.status_code, wait)
-            time.sleep(wait)
-        raise AssertionError("unreachable")  # the loop returns or raises
+                why = f"HTTP {response.status_code}"
+            log.warning("%s %s: %s; retrying in %.2fs", method, path, why, state.next_action.sleep)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(transient) | retry_if_result(lambda r: r.status_code in RETRY_STATUSES),
+            before_sleep=before_sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        try:
+            response: httpx.Response = retrying(send)
+        except httpx.TransportError as e:
+            if self._transport_retries_connects and isinstance(e, CONNECT_ERRORS):
+                tries += self.connect_retries  # the transport's own tries within the last one
+            raise _unreachable(self.url, e, tries) from e
+        if response.status_code in RETRY_STATUSES:  # retries exhausted
+            if stream:
+                response.read()
+            raise DatadietError.from_response(response, f"gave up after {tries} tries")
+        return response
+
+    def _wait(self, state: RetryCallState) -> float:
+        """tenacity's wait before the next try: the answer's Retry-After, else jittered backoff."""
+        outcome = state.outcome
+        retry_after = None
+        if outcome is not None and not outcome.failed:
+            retry_after = outcome.result().headers.get("Retry-After")
+        return self._delay(state.attempt_number - 1, retry_after)
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         """Seconds to wait before try ``attempt + 1``: the server's Retry-After, else jittered backoff."""

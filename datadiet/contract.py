@@ -1,0 +1,20 @@
+"""The contract's rules an agent applies before it sends anything (CONTRACT.md, "Sample", "Ingest").
+
+The API checks the same rules with these same definitions (``app.schema`` imports them), so a sample the
+client gives an id is stored under exactly that id. Standard library and orjson only: no server imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+MAX_SAMPLES_PER_REQUEST = 10_000
+
+
+def content_id(source: Any, input: Any, target: Any) -> str:
+    """The contract's default id: sha256 of the canonical JSON of (source, input, target)."""
+    canon = orjson.dumps({"input": input, "source": source, "target": target}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canon).hexdigest()
