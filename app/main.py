@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import parse_keys
 from app.errors import install_error_handlers
-from app.middleware import ErrorsAsJSON, HeadAsGet
+from app.middleware import ErrorsAsJSON, HeadAsGet, HttpMetrics, RequestMetrics
+from app.responses import ERROR_RESPONSES
 from app.routes import checkpoints, docs, quarantine, samples, status, validation, weights
 from app.schema import InputSpec
 from store.buffer import SampleBuffer
@@ -89,10 +90,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     install_error_handlers(app)
+    app.state.http_metrics = HttpMetrics()  # served by GET /metrics with the buffer's numbers
     app.add_middleware(ErrorsAsJSON)
+    app.add_middleware(RequestMetrics, metrics=app.state.http_metrics)
     app.add_middleware(HeadAsGet)  # added last: outermost, so it also drops the body of error answers
     for module in (samples, validation, weights, checkpoints, quarantine, status, docs):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
 
 

@@ -30,6 +30,7 @@ from app.auth import require
 from app.deps import run_db
 from app.errors import NotFound
 from app.middleware import is_head
+from app.responses import CHECKPOINT_FILE_RESPONSES, CheckpointDetail, CheckpointSummary
 from store.buffer import SampleBuffer
 from store.meta import Checkpoint, latest_checkpoint
 
@@ -68,7 +69,7 @@ def _list(engine: Engine, limit: int) -> list[dict[str, Any]]:
         return [c.summary() for c in rows]
 
 
-@router.get("")
+@router.get("", response_model=list[CheckpointSummary])
 async def list_checkpoints(
     *,
     request: Request,
@@ -78,7 +79,7 @@ async def list_checkpoints(
     return await run_db(request, _list, request.app.state.engine, limit)
 
 
-@router.get("/{version}")
+@router.get("/{version}", response_model=CheckpointDetail)
 async def get_checkpoint(*, version: Version, request: Request) -> dict[str, Any]:
     """One checkpoint's metadata (``latest`` or a version number), with its model kind and config."""
     return (await run_db(request, _find, request.app.state.engine, version)).detail()
@@ -115,7 +116,9 @@ def _is_bytes_range(value: bytes) -> bool:
     return bool(sep) and unit.strip().lower() == b"bytes"
 
 
-@router.get("/{version}/file", response_model=None)
+@router.get(
+    "/{version}/file", response_model=None, response_class=Response, responses=CHECKPOINT_FILE_RESPONSES
+)
 async def download_checkpoint(*, version: Version, request: Request) -> Response:
     """The safetensors bytes, streamed; cache with ``If-None-Match``, resume with ``Range``."""
     ckpt = await run_db(request, _find, request.app.state.engine, version)

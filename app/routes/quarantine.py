@@ -13,11 +13,12 @@ from fastapi import APIRouter, Query
 
 from app.auth import require
 from app.deps import BufferDep
+from app.responses import Quarantine
 
 router = APIRouter(prefix="/v1/quarantine", tags=["quarantine"], dependencies=[require("read")])
 
 
-@router.get("")
+@router.get("", response_model=Quarantine)
 async def list_quarantine(
     *,
     buffer: BufferDep,

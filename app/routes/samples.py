@@ -10,6 +10,7 @@ from fastapi import APIRouter, Path, Request, Response
 from app.auth import require
 from app.deps import BufferDep, SpecDep, read_json
 from app.errors import NotFound
+from app.responses import Ingested, SampleWithWeight
 from app.schema import ID_PATTERN, INGEST_BODY, samples_list, to_record, validate_samples
 
 router = APIRouter(prefix="/v1/samples", tags=["samples"])
@@ -17,7 +18,14 @@ INGEST, ADMIN = [require("ingest")], [require("admin")]
 SampleId = Annotated[str, Path(pattern=f"^{ID_PATTERN}$", description="1-128 characters of [A-Za-z0-9._:-]")]
 
 
-@router.post("", status_code=202, openapi_extra={"requestBody": INGEST_BODY}, dependencies=INGEST)
+@router.post(
+    "",
+    status_code=202,
+    response_class=Response,  # the body is written here with orjson (the hot path), not by FastAPI
+    responses={202: {"model": Ingested, "description": "stored, all of them (duplicates included)"}},
+    openapi_extra={"requestBody": INGEST_BODY},
+    dependencies=INGEST,
+)
 async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) -> Response:
     """Ingest 1-10,000 samples, all or nothing; re-posting an id is a duplicate, not an error."""
     samples = samples_list(await read_json(request))
@@ -28,7 +36,9 @@ async def post_samples(*, request: Request, buffer: BufferDep, spec: SpecDep) ->
     return Response(orjson.dumps(body), status_code=202, media_type="application/json")
 
 
-@router.get("/{sample_id}", dependencies=ADMIN)
+@router.get(
+    "/{sample_id}", response_model=SampleWithWeight, response_model_exclude_unset=True, dependencies=ADMIN
+)
 async def get_sample(*, sample_id: SampleId, buffer: BufferDep) -> dict[str, Any]:
     """One stored sample with its current weight (1.0 until the trainer has weighted it)."""
     doc = await buffer.get(sample_id)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from app.auth import require
 from app.deps import BufferDep, EngineDep, SpecDep, read_json, run_db
 from app.errors import InvalidInput
+from app.responses import ValidationInfo
 from app.schema import VALIDATION_BODY, samples_list, to_record, validate_samples
 from store.buffer import ValidationSetFull
 from store.meta import record_validation_version
@@ -36,7 +37,7 @@ async def _record(request: Request, engine: EngineDep, version: int, count: int,
         log.exception("could not record validation version %d", version)
 
 
-@router.put("", openapi_extra={"requestBody": VALIDATION_BODY})
+@router.put("", response_model=ValidationInfo, openapi_extra={"requestBody": VALIDATION_BODY})
 async def replace_validation(
     *, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep
 ) -> dict:
@@ -44,13 +45,13 @@ async def replace_validation(
     return await _write(request, buffer, spec, engine, append=False)
 
 
-@router.post("", openapi_extra={"requestBody": VALIDATION_BODY})
+@router.post("", response_model=ValidationInfo, openapi_extra={"requestBody": VALIDATION_BODY})
 async def append_validation(*, request: Request, buffer: BufferDep, spec: SpecDep, engine: EngineDep) -> dict:
     """Append samples to the validation set (a new version)."""
     return await _write(request, buffer, spec, engine, append=True)
 
 
-@router.get("")
+@router.get("", response_model=ValidationInfo)
 async def get_validation(*, buffer: BufferDep) -> dict:
     count, version = await buffer.validation_info()
     return {"count": count, "version": version}

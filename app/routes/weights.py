@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from app.auth import require
 from app.deps import BufferDep
 from app.errors import InvalidInput
+from app.responses import SampleWeights, Weights
 from app.schema import ID_RE
 from store.histogram import uniform_histogram
 
@@ -16,7 +17,7 @@ router = APIRouter(prefix="/v1/weights", tags=["weights"], dependencies=[require
 MAX_IDS = 10_000
 
 
-@router.get("")
+@router.get("", response_model=Weights, response_model_exclude_unset=True)
 async def get_weights(*, buffer: BufferDep) -> dict[str, Any]:
     """Per-source weights (summing to 1) and a summary of the per-sample weights."""
     doc = await buffer.weights_doc()
@@ -28,7 +29,7 @@ async def get_weights(*, buffer: BufferDep) -> dict[str, Any]:
     return doc
 
 
-@router.get("/samples")
+@router.get("/samples", response_model=SampleWeights, response_model_exclude_unset=True)
 async def get_sample_weights(
     *,
     buffer: BufferDep,
