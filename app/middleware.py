@@ -75,6 +75,7 @@ class HttpMetrics:
             ["route", "method"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         # labels stay few: the route's template (never the raw path), "unmatched" for a path no route has,
@@ -82,8 +83,14 @@ class HttpMetrics:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         method = "HEAD" if scope.get(HEAD_KEY) else scope["method"]
         method = method if method in self.METHODS else "other"
-        self.requests.labels(route, method, str(status)).inc()
-        self.duration.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        if (children := self._children.get(key)) is None:  # labels() takes a lock: look each up once
+            children = self._children[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class RequestMetrics:
