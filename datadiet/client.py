@@ -19,9 +19,9 @@ Usage::
 Transient failures are retried: a refused or timed-out connection by httpx's transport
 (``httpx.HTTPTransport(retries=connect_retries)``; nothing was sent, so any request may try again), and
 429 and 503 answers (after their ``Retry-After`` when given) and, for idempotent requests, read timeouts
-and dropped connections by tenacity, with exponential backoff and jitter. Retrying ingest is safe because
-ingest is
-idempotent by id, and the client gives every sample without an ``id`` its contract id (the sha256 of the
+and dropped connections by tenacity, with exponential backoff and jitter. A checkpoint download that
+breaks mid-body resumes with ``Range`` (``Client.pull_checkpoint``). Retrying ingest is safe because ingest
+is idempotent by id, and the client gives every sample without an ``id`` its contract id (the sha256 of the
 canonical JSON of source, input and target) before the first try, so a retried batch is counted as
 duplicates, never stored twice. Any other error answer raises :class:`DatadietError` at once, carrying the
 server's ``status``, ``type`` and ``detail`` (CONTRACT.md, "Errors").
@@ -135,7 +135,7 @@ class Client:
     ``Retry-After``. ``connect_retries`` (default ``retries``) is the number of extra tries after a
     refused or timed-out connection: httpx's transport makes them (waiting 0, 0.5, 1, 2, ... s), or the
     client when ``transport`` replaces httpx's (tests, proxies, ``httpx.MockTransport``). The CLI uses
-    ``connect_retries=0``: nothing listening is one line at once, not a minute of waiting.
+    ``connect_retries=0``: nothing listening is reported at once, not after seconds of waiting.
     """
 
     def __init__(
