@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /srv/datadiet
 COPY pyproject.toml README.md ./
 COPY app app
+COPY datadiet datadiet
 COPY store store
 COPY trainer trainer
 # CPU torch by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 for CUDA
