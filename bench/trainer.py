@@ -62,7 +62,7 @@ from app.schema import InputSpec, to_record, validate_samples
 from bench.ingest import start_redis
 from store.buffer import SampleBuffer
 from store.feed import TrainerFeed
-from store.keys import FRESH_BASE, Keys
+from store.keys import UNWEIGHTED_PRIORITY, Keys
 from store.meta import make_engine, migrate
 from trainer.hypergrad import GhostScorer
 from trainer.intake import PayloadCache
@@ -401,13 +401,13 @@ def measure_fill(scale: Scale, chunk: int) -> WeightTable:
     base = tracemalloc.get_traced_memory()[0]
     traced = fill_table(TABLE_ROWS, chunk)
     held, peak = tracemalloc.get_traced_memory()
-    traced.fresh.clear()
-    without_fresh = tracemalloc.get_traced_memory()[0]
+    traced.unscored.clear()
+    without_queue = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     scale.bytes("tracemalloc: everything the table holds", held - base, TABLE_ROWS, "numpy + Python objects")
     scale.bytes(
-        "&nbsp;&nbsp;of which the `fresh` deque",
-        held - without_fresh,
+        "&nbsp;&nbsp;of which the unscored queue",
+        held - without_queue,
         TABLE_ROWS,
         "a Python int per unscored row",
     )
@@ -435,14 +435,14 @@ def time_trainer_paths(scale: Scale, table: WeightTable, trainers: list[Trainer]
         name = rule.name
         secs = repeat(lambda t=t, c=cache: t.sampler.draw(table, c, from_queue=True), 20 * reps)  # type: ignore[misc]
         scale.timings.append((f"`Sampler.draw` ({name}), stub cache", secs, 1))
-        if rule.scores:  # evidence for every row, so the learned-weight path runs
+        if rule.needs_scores:  # evidence for every row, so the learned-weight path runs
             c = rng.normal(size=len(live))
             coef = np.full(len(live), 1 / len(live))
             record = BatchRecord(1_000, live, coef, [], None, c, np.abs(c) + 1.0, 1.0)
             rule.observe(table, record)
         secs = repeat(reweight, max(3, reps // 2))
         scale.timings.append((f"reweight ({name})", secs, t.settings.reweight_every))
-        if rule.scores:
+        if rule.needs_scores:
             gc.collect()
             tracemalloc.start()
             reweight()
@@ -461,7 +461,7 @@ def time_publish(
     keys = Keys("publish")
     ordinals = table.ordinal[table.alive].tolist()
     for i in range(0, len(ordinals), 50_000):
-        r.zadd(keys.rank, {str(o): FRESH_BASE + o for o in ordinals[i : i + 50_000]})
+        r.zadd(keys.priority, {str(o): UNWEIGHTED_PRIORITY + o for o in ordinals[i : i + 50_000]})
     publisher = Publisher(TrainerFeed(r, keys), engine, tmp, 2.0)
     secs = repeat(lambda: publisher.publish_weights(table, 1, "bilevel", {}), reps)
     gc.collect()
@@ -473,7 +473,7 @@ def time_publish(
     tracemalloc.stop()
     scale.bytes("publishing: held after a publish", held - base, table.live, "the weights document only")
     scale.bytes("publishing: transient peak", peak - base, table.live, "per-chunk dicts for ZADD")
-    r.delete(keys.rank)
+    r.delete(keys.priority)
     return secs
 
 
@@ -540,7 +540,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the redis-server we start
     defaults = TrainerSettings(_env_file=None)
     knobs = ["outer_every", "val_grad_every", "val_batch_size", "val_grad_beta", "reweight_every"]
-    knobs += ["fresh_fraction", "min_visits"]
+    knobs += ["unscored_fraction", "min_visits"]
     outer = ", ".join(f"{k}={getattr(defaults, k)}" for k in knobs)
     threads = sorted({int(n) or default_threads for n in args.threads.split(",")})
     threads = [1] if device.type == "cuda" else threads  # (torch's CPU threads do not matter there)

@@ -16,7 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from store import scripts
-from store.keys import FRESH_BASE, Keys
+from store.keys import UNWEIGHTED_PRIORITY, Keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +48,11 @@ def stream_maxlen(capacity: int) -> int:
     return 2 * capacity + 10_000
 
 
-def weight_from_rank(score: float | None) -> float | None:
+def weight_from_priority(score: float | None) -> float | None:
     """A rank score as the sample's weight: samples not yet weighted by the trainer count as uniform."""
     if score is None:
         return None
-    return 1.0 if score >= FRESH_BASE else float(score)
+    return 1.0 if score >= UNWEIGHTED_PRIORITY else float(score)
 
 
 class SampleBuffer:
@@ -65,11 +65,11 @@ class SampleBuffer:
         self._validation = client.register_script(scripts.VALIDATION)
 
     async def ingest(self, records: list[SampleRecord]) -> IngestResult:
-        args: list[Any] = [self.capacity, FRESH_BASE, stream_maxlen(self.capacity)]
+        args: list[Any] = [self.capacity, UNWEIGHTED_PRIORITY, stream_maxlen(self.capacity)]
         for rec in records:
             args += (rec.id, rec.source, rec.group, rec.payload)
         k = self.k
-        keys = [k.ids, k.samples, k.seq, k.ingest, k.rank, k.counters, k.evictions]
+        keys = [k.ids, k.samples, k.seq, k.ingest, k.priority, k.counters, k.evictions]
         out = await self._ingest(keys=keys, args=args)
         return IngestResult(int(out[0]), int(out[1]), int(out[2]), [bool(f) for f in out[3:]])
 
@@ -80,12 +80,12 @@ class SampleBuffer:
             return None
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.k.samples, ordinal)
-        pipe.zscore(self.k.rank, ordinal)
+        pipe.zscore(self.k.priority, ordinal)
         payload, score = await pipe.execute()
         if payload is None:  # evicted between the two reads
             return None
         doc: dict[str, Any] = orjson.loads(payload)
-        doc["weight"] = weight_from_rank(score)
+        doc["weight"] = weight_from_priority(score)
         return doc
 
     async def weights_of(self, ids: list[str]) -> dict[str, float]:
@@ -96,24 +96,26 @@ class SampleBuffer:
         known = [(i, o) for i, o in zip(ids, ordinals, strict=True) if o is not None]
         if not known:
             return {}
-        scores = await self.r.zmscore(self.k.rank, [o for _, o in known])
+        scores = await self.r.zmscore(self.k.priority, [o for _, o in known])
         return {
-            i: w for (i, _), s in zip(known, scores, strict=True) if (w := weight_from_rank(s)) is not None
+            i: w
+            for (i, _), s in zip(known, scores, strict=True)
+            if (w := weight_from_priority(s)) is not None
         }
 
     async def ranked(self, order: str, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` lowest (asc) or highest (desc) weighted samples: id, source, weight."""
         if order == "asc":
             pairs = await self.r.zrangebyscore(
-                self.k.rank, "-inf", f"({FRESH_BASE}", 0, limit, withscores=True
+                self.k.priority, "-inf", f"({UNWEIGHTED_PRIORITY}", 0, limit, withscores=True
             )
         else:
             pairs = await self.r.zrevrangebyscore(
-                self.k.rank, f"({FRESH_BASE}", "-inf", 0, limit, withscores=True
+                self.k.priority, f"({UNWEIGHTED_PRIORITY}", "-inf", 0, limit, withscores=True
             )
         if len(pairs) < limit:  # not enough weighted samples yet: fill with never-weighted ones (weight 1)
             more = await self.r.zrangebyscore(
-                self.k.rank, FRESH_BASE, "+inf", 0, limit - len(pairs), withscores=True
+                self.k.priority, UNWEIGHTED_PRIORITY, "+inf", 0, limit - len(pairs), withscores=True
             )
             pairs = [*pairs, *more]
         if not pairs:
@@ -124,7 +126,7 @@ class SampleBuffer:
             if payload is None:
                 continue
             doc = orjson.loads(payload)
-            out.append({"id": doc["id"], "source": doc.get("source"), "weight": weight_from_rank(score)})
+            out.append({"id": doc["id"], "source": doc.get("source"), "weight": weight_from_priority(score)})
         return out
 
     async def set_validation(self, payloads: list[bytes], *, append: bool) -> tuple[int, int]:

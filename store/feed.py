@@ -19,7 +19,7 @@ import orjson
 import redis
 
 from store import scripts
-from store.keys import FRESH_BASE, TRAINER_GROUP, Keys
+from store.keys import TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys
 from store.lease import TrainerLease
 
 QUARANTINE_MAXLEN = 10_000
@@ -175,7 +175,7 @@ class TrainerFeed:
         """Whether each ordinal is still in the buffer (its rank exists iff it was not evicted)."""
         out: list[bool] = []
         for i in range(0, len(ordinals), chunk):
-            scores = self.r.zmscore(self.k.rank, [int(o) for o in ordinals[i : i + chunk]])
+            scores = self.r.zmscore(self.k.priority, [int(o) for o in ordinals[i : i + chunk]])
             out.extend(sc is not None for sc in scores)
         return out
 
@@ -185,15 +185,16 @@ class TrainerFeed:
         """Publish per-sample weights into the rank zset (existing members only) and the summary document,
         under the lease.
 
-        ZADD XX never re-adds a sample that the API evicted meanwhile. Weights are capped below FRESH_BASE.
+        ZADD XX never re-adds a sample that the API evicted meanwhile. Weights are capped below
+        UNWEIGHTED_PRIORITY.
         """
-        cap = FRESH_BASE / 2
+        cap = UNWEIGHTED_PRIORITY / 2
         for i in range(0, len(ordinals), chunk):
             args: list[Any] = []
             for o, w in zip(ordinals[i : i + chunk], weights[i : i + chunk], strict=True):
                 args += (min(float(w), cap), int(o))
             if args:
-                self.lease.fenced(self._ranks, [self.k.rank], args)
+                self.lease.fenced(self._ranks, [self.k.priority], args)
         self.lease.fenced(self._status, [self.k.weights, self.k.trainer], [json.dumps(doc)])
 
     def set_status(self, **fields: Any) -> None:
@@ -217,5 +218,5 @@ class TrainerFeed:
             args += (int(o), src, why[:1000])
         if len(args) == 2:
             return 0
-        keys = [self.k.samples, self.k.rank, self.k.ids, self.k.quarantine, self.k.counters]
+        keys = [self.k.samples, self.k.priority, self.k.ids, self.k.quarantine, self.k.counters]
         return int(self.lease.fenced(self._quarantine, keys, args))

@@ -8,15 +8,16 @@ A reader can list the whole Redis layout from this file:
     {p}:ingest         stream  one entry per accepted sample: o=<ordinal> s=<source> g=<content group>
     {p}:evictions      stream  one entry per ingest request that evicted: n=<entry number> o=<ordinal>,...
                                (capped; counters.eviction_entries numbers them)
-    {p}:rank           zset    ordinal -> eviction/ranking score: the published weight, or
-                               FRESH_BASE + ordinal for samples the trainer has not weighted yet
+    {p}:rank           zset    eviction priority (``Keys.priority``), ordinal -> the published weight, or
+                               UNWEIGHTED_PRIORITY + ordinal for samples the trainer has not weighted yet;
+                               the lowest is evicted first
     {p}:counters       hash    ingested, duplicates, evicted, quarantined, eviction_entries
     {p}:val:samples    list    validation payloads (orjson)
     {p}:val:version    string  validation-set version (INCR on every PUT/POST)
     {p}:weights        string  JSON document the trainer publishes for GET /v1/weights
     {p}:trainer        hash    trainer status: step, steps_per_s, val_loss, updated_at, pid
     {p}:quarantine     stream  samples the trainer could not use (capped): id, source, ordinal, reason,
-                               step, payload; their payloads left the samples hash and the rank zset
+                               step, payload; their payloads left the samples hash and the priority zset
     {p}:trainer:lease  string  "<fencing token> <host> <pid>" of the trainer that may write, with a TTL
     {p}:trainer:fence  string  the last fencing token handed out (INCR; only grows)
     {p}:downloads      zset    checkpoint version -> unix time until which it is in use (streaming, or
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 TRAINER_GROUP = "trainer"
 """Consumer group through which trainers read the ingest stream."""
 
-FRESH_BASE = 1e12
-"""Rank score offset for samples without a published weight: they sort after every weighted sample."""
+UNWEIGHTED_PRIORITY = 1e12
+"""Eviction-priority offset for samples without a published weight: they sort after every weighted one
+(so the trainer's lowest weights are evicted first, then the oldest unweighted samples)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,8 @@ class Keys:
         return self._k("evictions")
 
     @property
-    def rank(self) -> str:
+    def priority(self) -> str:
+        """The eviction priority zset (key name ``rank``, kept for existing deployments)."""
         return self._k("rank")
 
     @property

@@ -8,8 +8,9 @@ from __future__ import annotations
 INGEST = """
 -- Insert a batch of samples atomically, skipping ids already present, then evict down to capacity.
 -- KEYS[1] = ids hash     KEYS[2] = samples hash   KEYS[3] = seq         KEYS[4] = ingest stream
--- KEYS[5] = rank zset    KEYS[6] = counters hash   KEYS[7] = evictions stream
--- ARGV[1] = capacity (max live samples)   ARGV[2] = FRESH_BASE   ARGV[3] = stream MAXLEN (approximate)
+-- KEYS[5] = eviction priority zset   KEYS[6] = counters hash   KEYS[7] = evictions stream
+-- ARGV[1] = capacity (max live samples)   ARGV[2] = UNWEIGHTED_PRIORITY
+-- ARGV[3] = stream MAXLEN (approximate)
 -- ARGV[4 + 4k .. 7 + 4k] = id, source, content group, payload of sample k
 -- returns {accepted, duplicates, evicted, flag_1, ..., flag_n} (flag 1 = accepted, 0 = duplicate)
 local cap = tonumber(ARGV[1])

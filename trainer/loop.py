@@ -246,9 +246,11 @@ class Trainer:
         self.checkpointed_step = self.step
         self.redis.attempt(self.intake.ack)  # the saved table holds them now
         registered, _ = self.db.attempt(self.publisher.register_pending)
-        if registered:
+        # retention, only when both answer: without Redis, which checkpoints are in use is unknown
+        ok, in_use = self.redis.attempt(lambda: self.feed.checkpoints_in_use(time.time()))
+        if registered and ok and in_use is not None:
             s = self.settings
-            self.db.attempt(lambda: self.publisher.prune(s.keep_checkpoints, s.keep_weight_snapshots))
+            self.db.attempt(lambda: self.publisher.prune(s.keep_checkpoints, s.keep_weight_snapshots, in_use))
         log.info(
             "published checkpoint v%d at step %d (val_loss %s)%s",
             values["version"],
@@ -271,20 +273,21 @@ class Trainer:
     def _progress(self) -> None:
         doc = self.publisher.last_doc or {}
         eff = doc.get("summary", {}).get("effective_fraction", 1.0)
-        if not self.validation.samples and self.learner.weighting.scores:
+        if not self.validation.samples and self.learner.weighting.needs_scores:
             log.info("no validation set yet: training uniformly; PUT /v1/validation to start reweighting")
         down = [d.name for d in (self.redis, self.db) if d.down]
         if down:
             log.info("waiting for %s; training on what the trainer holds", " and ".join(down))
         log.info(
-            "step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d | fresh %d",
+            "step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d "
+            "| unscored %d",
             self.step,
             self.rate,
             self.validation.loss,
             self.learner.train_loss,
             eff,
             self.table.live,
-            len(self.table.fresh),
+            len(self.table.unscored),
         )
 
 

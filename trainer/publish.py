@@ -161,12 +161,11 @@ class Publisher:
             done += 1
         return done
 
-    def prune(self, keep: int, keep_snapshots: int) -> list[int]:
+    def prune(self, keep: int, keep_snapshots: int, in_use: set[int]) -> list[int]:
         """Retention: delete checkpoints older than the newest ``keep`` (their SQL row first, then the
-        file), except one a download is streaming or may still resume (store/feed.py
+        file), except those ``in_use`` (a download is streaming them or may still resume them: store/feed.py
         ``checkpoints_in_use``); keep the newest ``keep_snapshots`` weight snapshots. Returns the versions
-        deleted. Raises the database's and Redis's errors. Never deletes the newest checkpoint."""
-        in_use = self.feed.checkpoints_in_use(time.time())
+        deleted. Raises the database's errors. Never deletes the newest checkpoint."""
         with Session(self.engine) as session, session.begin():
             versions = session.scalars(select(Checkpoint.version).order_by(Checkpoint.version.desc())).all()
             doomed = [v for v in versions[max(keep, 1) :] if v not in in_use]

@@ -1,6 +1,6 @@
 """The sampler: draw probabilities from the weights, and each step's batch with its importance weights.
 
-A batch is ``fresh_fraction`` of rows from the unscored queue (samples scored fewer than ``min_visits``
+A batch is ``unscored_fraction`` of rows from the unscored queue (samples scored fewer than ``min_visits``
 times, oldest first) on scoring steps, the rest drawn from the sum tree with probability
 
     q_i = (1 - explore) w_i / sum_j w_j + explore / n_live            an exploration floor (explore)
@@ -9,7 +9,7 @@ and every row's loss coefficient is its importance weight, so the step's expecte
 weighted one whatever was drawn (importance sampling, as in prioritized replay, Schaul et al. 2016):
 
     c_i = w_i / (n_live q_i)      drawn rows          c_i = w_i      queued rows
-    c  <- max(c / sum c, COEF_FLOOR), renormalised to sum to 1
+    c  <- max(c / sum c, IMPORTANCE_FLOOR), renormalised to sum to 1
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import numpy as np
 from trainer.intake import MISSING, PayloadCache
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR
+from trainer.weighting.base import IMPORTANCE_FLOOR
 
 
 @dataclass
 class Draw:
-    """One batch: rows (B,), loss coefficients (B,) summing to 1, which rows came from the queue (B,),
-    and the payloads."""
+    """One batch: rows (B,), importance weights (B,) summing to 1 (the loss coefficients), which rows came
+    from the unscored queue (B,), and the payloads."""
 
     rows: np.ndarray
-    coef: np.ndarray
+    importance: np.ndarray
     queued: np.ndarray
     payloads: list[dict[str, Any]]
 
@@ -54,22 +54,26 @@ class Sampler:
         """One batch; evicted samples are dropped (and their rows killed), samples whose payload Redis
         cannot give now are skipped (queued ones go back in the queue)."""
         s, t = self.settings, table
-        fresh = t.take_fresh(int(s.batch_size * s.fresh_fraction)) if from_queue else np.empty(0, np.int64)
-        drawn = t.draw(s.batch_size - len(fresh), self.rng) if t.tree.total > 0 else np.empty(0, np.int64)
-        rows = np.concatenate([fresh, drawn]).astype(np.int64)
+        n_queue = int(s.batch_size * s.unscored_fraction)
+        from_q = t.take_unscored(n_queue) if from_queue else np.empty(0, np.int64)
+        drawn = t.draw(s.batch_size - len(from_q), self.rng) if t.tree.total > 0 else np.empty(0, np.int64)
+        rows = np.concatenate([from_q, drawn]).astype(np.int64)
         w = t.weight[rows].astype(np.float64)
         q = t.tree.values(drawn) / t.tree.total if len(drawn) else np.empty(0)
-        coef = np.concatenate([w[: len(fresh)], w[len(fresh) :] / (max(t.live, 1) * np.maximum(q, 1e-12))])
+        # importance weights: w_i / (n q_i) for drawn rows, w_i for queued ones
+        importance = np.concatenate(
+            [w[: len(from_q)], w[len(from_q) :] / (max(t.live, 1) * np.maximum(q, 1e-12))]
+        )
         payloads = cache.get(t.ordinal[rows])
         evicted = np.array([p is None for p in payloads], dtype=bool)
         missing = np.array([p is MISSING for p in payloads], dtype=bool)  # Redis unavailable, not cached
         if evicted.any():
             t.kill(rows[evicted])
-        queued = np.arange(len(rows)) < len(fresh)
+        queued = np.arange(len(rows)) < len(from_q)
         if missing.any():
-            t.fresh.extend(rows[missing & queued])  # still to be scored: back in the queue
+            t.unscored.extend(rows[missing & queued])  # still to be scored: back in the queue
         keep = ~(evicted | missing)
-        rows, coef, queued = rows[keep], coef[keep], queued[keep]
-        coef = np.maximum(coef / max(coef.sum(), 1e-12), COEF_FLOOR)
+        rows, importance, queued = rows[keep], importance[keep], queued[keep]
+        importance = np.maximum(importance / max(importance.sum(), 1e-12), IMPORTANCE_FLOOR)
         kept = [p for p, k in zip(payloads, keep, strict=True) if k]
-        return Draw(rows, coef / coef.sum(), queued, kept)
+        return Draw(rows, importance / importance.sum(), queued, kept)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from store.config import Settings
 
@@ -31,8 +31,14 @@ class TrainerSettings(Settings):
         4, ge=1, description="refresh the running validation gradient every k scorings"
     )
     val_grad_beta: float = Field(0.5, ge=0, lt=1, description="running average of the validation gradient")
-    fresh_fraction: float = Field(
-        0.5, ge=0, le=1, description="share of a batch reserved for unscored samples"
+    unscored_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of a batch reserved for the unscored queue (samples scored < min_visits times)",
+        validation_alias=AliasChoices(
+            "DATADIET_UNSCORED_FRACTION", "DATADIET_FRESH_FRACTION", "unscored_fraction"
+        ),
     )
     min_visits: int = Field(
         3, ge=1, description="a sample stays in the priority queue until scored this often"

@@ -56,7 +56,7 @@ class Learner:
         None when the batch was set aside (its unusable samples quarantined) and no update was made."""
         s, w = self.settings, self.weighting
         outer = step % s.outer_every == 0
-        scoring = outer and w.scores and bool(validation.samples)
+        scoring = outer and w.needs_scores and bool(validation.samples)
         if step % s.reweight_every == 0:
             sampler.reweight(table, w.weights(table, step))
         draw = sampler.draw(table, cache, from_queue=outer)
@@ -71,7 +71,7 @@ class Learner:
         except Exception:  # one of the samples cannot be used by this model: find it, set it aside
             self._set_aside(table, draw, quarantine)
             return None
-        c = torch.as_tensor(draw.coef, dtype=torch.float32, device=self.device)
+        c = torch.as_tensor(draw.importance, dtype=torch.float32, device=self.device)
         self.model.train()
         for group in self.opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = s.lr * min(1.0, (step + 1) / max(s.warmup_lr_steps, 1))
@@ -80,7 +80,9 @@ class Learner:
                 losses = self.model.per_sample_loss(batch)  # (B,)
             if w.batch_from == "losses":  # RHO-LOSS selection: chosen before the one backward
                 before = losses.detach().double().cpu().numpy()
-                chosen = w.batch_coef(table, BatchRecord(step, draw.rows, draw.coef, draw.payloads, before))
+                chosen = w.batch_importance(
+                    table, BatchRecord(step, draw.rows, draw.importance, draw.payloads, before)
+                )
                 if chosen is not None:
                     c = torch.as_tensor(chosen, dtype=torch.float32, device=self.device)
             loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
@@ -89,7 +91,7 @@ class Learner:
         if not np.isfinite(losses_np).all():  # before anything learns from this batch
             self._set_aside(table, draw, quarantine)
             return None
-        record = BatchRecord(step, draw.rows, draw.coef, draw.payloads, losses_np)
+        record = BatchRecord(step, draw.rows, draw.importance, draw.payloads, losses_np)
         if scoring:
             assert validation.g_val is not None
             dots, norms = self.scorer.scores(c, validation.g_val)
@@ -97,7 +99,7 @@ class Learner:
             record = BatchRecord(
                 step,
                 draw.rows,
-                draw.coef,
+                draw.importance,
                 draw.payloads,
                 losses_np,
                 dots.double().cpu().numpy(),
@@ -112,12 +114,12 @@ class Learner:
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate
             # (only those taken from it: one drawn by weight is still queued, and would be queued twice)
             again = draw.rows[draw.queued & (table.visits[draw.rows] < s.min_visits)]
-            table.fresh.extend(np.unique(again))
+            table.unscored.extend(np.unique(again))
         # L2RW re-weights this very batch from its scores: a second backward
-        batch_coef = w.batch_coef(table, record) if w.batch_from == "scores" else None
-        if batch_coef is not None:
+        batch_importance = w.batch_importance(table, record) if w.batch_from == "scores" else None
+        if batch_importance is not None:
             self.opt.zero_grad(set_to_none=True)
-            c2 = torch.as_tensor(batch_coef, dtype=torch.float32, device=self.device)
+            c2 = torch.as_tensor(batch_importance, dtype=torch.float32, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 losses = self.model.per_sample_loss(batch)
             loss = (c2 * losses.float()).sum()

@@ -85,7 +85,7 @@ class WeightTable:
         self.cohort = 0  # the cohort new samples join
         self._source_index: dict[tuple[str, int], int] = {}
         self.tree = SumTree(capacity)
-        self.fresh = RowQueue()  # rows never scored yet, oldest first
+        self.unscored = RowQueue()  # rows never scored yet, oldest first
         self.evicted = 0  # rows dropped because their sample left the buffer
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
@@ -128,8 +128,8 @@ class WeightTable:
 
     def unqueue_through(self, ordinal: int) -> None:
         """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table)."""
-        queued = self.fresh.array()
-        self.fresh = RowQueue(queued[self.cols["ordinal"][queued] > ordinal])
+        queued = self.unscored.array()
+        self.unscored = RowQueue(queued[self.cols["ordinal"][queued] > ordinal])
 
     def new_cohort(self) -> None:
         """Samples added from now on form a new cohort of their source (the validation set changed)."""
@@ -173,7 +173,7 @@ class WeightTable:
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
         self.tree.update(rows, np.full(len(rows), mass))
-        self.fresh.extend(rows)
+        self.unscored.extend(rows)
         return rows
 
     def rows_of(self, ordinals: np.ndarray) -> np.ndarray:
@@ -214,8 +214,8 @@ class WeightTable:
             )
         self.n = int(alive.sum())
         self.tree = SumTree(len(self.cols["alive"]))
-        kept = remap[self.fresh.array()]
-        self.fresh = RowQueue(kept[kept >= 0])
+        kept = remap[self.unscored.array()]
+        self.unscored = RowQueue(kept[kept >= 0])
         return remap
 
     def _reserve(self, needed: int) -> None:
@@ -237,11 +237,11 @@ class WeightTable:
     def draw(self, k: int, rng: np.random.Generator) -> np.ndarray:
         return self.tree.sample(k, rng)
 
-    def take_fresh(self, k: int) -> np.ndarray:
+    def take_unscored(self, k: int) -> np.ndarray:
         out: list[np.ndarray] = []
         need, alive = k, self.cols["alive"]
-        while need > 0 and len(self.fresh):
-            rows = self.fresh.pop(need)
+        while need > 0 and len(self.unscored):
+            rows = self.unscored.pop(need)
             rows = rows[alive[rows]]
             out.append(rows)
             need -= len(rows)
@@ -250,7 +250,7 @@ class WeightTable:
     # persistence -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
-        arrays["fresh"] = self.fresh.array()
+        arrays["fresh"] = self.unscored.array()
         arrays["sampling"] = self.tree.values()[: self.n]  # the draw probabilities, exactly as they were
         info = {"sources": self.sources, "cohorts": self.source_cohorts, "cohort": self.cohort}
         sizes = {"capacity": len(self.cols["alive"]), "tree_capacity": self.tree.capacity}
@@ -275,7 +275,7 @@ class WeightTable:
             t.source_id(s, c)
         t.cohort = int(info.get("cohort", 0))
         t.evicted = int(info.get("evicted", 0))
-        t.fresh = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
+        t.unscored = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
         if "sampling" in arrays and len(arrays["sampling"]) == n:
             t.set_sampling(np.asarray(arrays["sampling"], dtype=np.float64))
         else:  # a state saved before the sampling column was

@@ -120,5 +120,5 @@ def test_published_weights_never_bring_back_an_evicted_sample(
 
     TrainerFeed(redis_client, Keys()).publish_weights({"step": 1}, list(range(1, 13)), [1.0] * 12)
 
-    assert redis_client.zcard(Keys().rank) == 10
-    assert redis_client.zscore(Keys().rank, "1") is None
+    assert redis_client.zcard(Keys().priority) == 10
+    assert redis_client.zscore(Keys().priority, "1") is None

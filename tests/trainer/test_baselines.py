@@ -103,7 +103,7 @@ def test_l2rw_zeroes_a_real_sample_whose_label_contradicts_the_validation_set() 
     _, g_val = val_grad(model, model.collate([x]))
     dots, _ = reference_scores(model, model.collate([x, wrong]), g_val)
     assert dots[0] > 0 > dots[1]  # the setting this test needs
-    w = L2RW(settings()).batch_coef(table_of(2), record([0, 1], losses=np.zeros(2), dots=dots.numpy()))
+    w = L2RW(settings()).batch_importance(table_of(2), record([0, 1], losses=np.zeros(2), dots=dots.numpy()))
     assert w is not None
     np.testing.assert_allclose(w, [1.0, 0.0], atol=1e-7)
 
@@ -112,7 +112,7 @@ def test_l2rw_keeps_no_memory_between_batches() -> None:
     rule, t = L2RW(settings()), table_of(3)
     rule.observe(t, record([0, 1, 2], dots=np.array([1.0, -1.0, 0.5]), norms=np.ones(3), g_norm=1.0))
     np.testing.assert_array_equal(rule.weights(t, step=1), [1.0, 1.0, 1.0])
-    assert rule.batch_coef(t, record([0], losses=np.zeros(1))) is None  # no G_val yet
+    assert rule.batch_importance(t, record([0], losses=np.zeros(1))) is None  # no G_val yet
 
 
 # ------------------------------------------------------------------ rholoss
@@ -161,7 +161,7 @@ def test_rholoss_skips_wrong_labels_that_the_trusted_model_disagrees_with(
     with torch.no_grad():
         batch = to_device(model.collate(payloads), model.device)
         losses = model.per_sample_loss(batch).double().cpu().numpy()
-    w = rule.batch_coef(trainer.table, BatchRecord(0, rows, np.full(64, 1 / 64), payloads, losses))
+    w = rule.batch_importance(trainer.table, BatchRecord(0, rows, np.full(64, 1 / 64), payloads, losses))
     assert isinstance(rule, RhoLoss) and w is not None
     chosen = [payloads[i] for i in np.flatnonzero(w > 1e-3)]
     assert len(chosen) == int(np.ceil(SELECT_FRACTION * 64))

@@ -89,13 +89,13 @@ def test_a_new_validation_set_drops_the_queue_of_samples_that_arrived_before_it(
     old = clean_buffer(api, 2000, 21, "old")
     trainer = make_trainer(max_steps=5)
     trainer.run()
-    assert len(trainer.table.fresh) > 1000  # the backlog: most of the 2,000 are not scored yet
+    assert len(trainer.table.unscored) > 1000  # the backlog: most of the 2,000 are not scored yet
     assert api.put("/v1/validation", json={"samples": old[64:128]}).status_code == 200
     new = blobs(100, 22, source="a", noisy=False, prefix="new")
     assert api.post("/v1/samples", json={"samples": new}).status_code == 202
     trainer.poll()
     trainer.refresh_validation()
-    queued = trainer.table.ordinal[trainer.table.fresh.array()]
+    queued = trainer.table.ordinal[trainer.table.unscored.array()]
     assert len(queued) == 100  # only what arrived with the new task is queued to be scored first
     assert set(queued.tolist()).isdisjoint(trainer.table.ordinal[:2000].tolist())
     # ... and it forms a new cohort of source "a", estimated apart from a's older samples
@@ -130,7 +130,7 @@ def test_the_queue_holds_each_sample_once_until_it_has_its_visits(
     trainer = make_trainer(max_steps=12)  # 12 x 32 queue slots: the 300 first visits and some second ones
     trainer.run()
     t, min_visits = trainer.table, trainer.settings.min_visits
-    queued = t.fresh.array()
+    queued = t.unscored.array()
     assert len(queued) == len(np.unique(queued))  # a sample drawn by weight while queued is not queued again
     short = np.flatnonzero(t.visits[: t.n] < min_visits)
     assert set(short.tolist()) <= set(queued.tolist())  # every sample still short of its visits is queued

@@ -13,8 +13,8 @@ import torch
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 
-COEF_FLOOR = 1e-8  # the least loss coefficient: GhostScorer.scores divides by each, so all must be > 0
-BatchFrom = Literal["", "losses", "scores"]  # what a per-batch rule's batch_coef needs (see Weighting)
+IMPORTANCE_FLOOR = 1e-8  # the least loss coefficient: GhostScorer.scores divides by each, so all must be > 0
+BatchFrom = Literal["", "losses", "scores"]  # what a per-batch rule's batch_importance needs (see Weighting)
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class BatchRecord:
     """What one training step saw, as a weighting rule gets it. Every array is (B,), in batch order.
 
     rows      the batch's rows in the weight table (a row can repeat)
-    coef      importance weights of the step's loss, sum_i coef_i loss_i (sum to 1, all > 0):
+    importance  importance weights c_i of the step's loss sum_i c_i loss_i (sum to 1, all > 0):
               w_i / (n q_i) for rows drawn with probability q_i, w_i for rows from the unscored queue
     losses    per-sample training losses before the update (None when asked before the forward)
     payloads  the samples (contract Sample dicts)
@@ -34,7 +34,7 @@ class BatchRecord:
 
     step: int
     rows: np.ndarray
-    coef: np.ndarray
+    importance: np.ndarray
     payloads: Sequence[dict[str, Any]]
     losses: np.ndarray | None = None
     dots: np.ndarray | None = None
@@ -50,7 +50,8 @@ class Weighting:
     """A weighting rule: it turns what each batch shows into every live sample's weight.
 
     The loop calls ``observe`` once per step with the step's ``BatchRecord`` (scores included on scoring
-    steps), ``weights`` every ``reweight_every`` steps, ``batch_coef`` on per-batch rules (``batch_from``),
+    steps), ``weights`` every ``reweight_every`` steps, ``batch_importance`` on per-batch rules
+    (``batch_from``),
     and ``on_validation`` whenever it loads a validation set. A rule owns its state: per-row statistics
     in table columns it declares in ``columns`` (compacted and checkpointed with the rows; the table's
     own ``visits`` column, scored visits, is the loop's), everything else through ``state``/``load_state``.
@@ -58,8 +59,8 @@ class Weighting:
     """
 
     name: ClassVar[str] = "base"
-    scores: ClassVar[bool] = False
-    # per-batch rules: what ``batch_coef`` needs. "losses": the loop asks before its one backward;
+    needs_scores: ClassVar[bool] = False
+    # per-batch rules: what ``batch_importance`` needs. "losses": the loop asks before its one backward;
     # "scores": after it (the scores come from that backward), then redoes the backward; "": never asks
     batch_from: ClassVar[BatchFrom] = ""
     columns: ClassVar[dict[str, type]] = {}  # per-row columns, as table column "<name>_<column>"
@@ -83,7 +84,7 @@ class Weighting:
     def observe(self, table: WeightTable, batch: BatchRecord) -> None:
         """Take one step's batch: its losses every step, its outer-step scores on scoring steps."""
 
-    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+    def batch_importance(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
         """Per-batch methods (``batch_from``) return new loss coefficients for this batch (B,), summing to
         1, all > 0, that the step's backward uses. None keeps the step as it is."""
         return None

@@ -70,7 +70,7 @@ VALIDATION_CHANGE_DECAY = 0.25
 
 class Bilevel(Weighting):
     name: ClassVar[str] = "bilevel"
-    scores: ClassVar[bool] = True
+    needs_scores: ClassVar[bool] = True
     # per row: sum_visits c_i, and v_i, the visits behind it (decayed when the task changes)
     columns: ClassVar[dict[str, type]] = {"score_sum": np.float32, "evidence": np.uint16}
 

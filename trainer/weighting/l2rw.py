@@ -8,7 +8,7 @@ and take the one-step look-ahead gradient of the validation loss at eps = 0:
 
 so a sample whose gradient opposes the validation gradient gets weight 0. A batch whose scores are all
 <= 0 is trained uniformly (Ren et al. would skip it). The loop computes <grad loss_i, G_val> with the
-ghost scorer on every outer step and redoes the backward with these coefficients (``batch_coef``).
+ghost scorer on every outer step and redoes the backward with these coefficients (``batch_importance``).
 The persistent weights stay uniform: sampling is uniform, nothing is remembered.
 
 Faithful to the paper, G_val is a fresh validation-batch gradient at every step: run it with
@@ -23,15 +23,15 @@ from typing import ClassVar
 import numpy as np
 
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, BatchFrom, BatchRecord, Weighting
+from trainer.weighting.base import IMPORTANCE_FLOOR, BatchFrom, BatchRecord, Weighting
 
 
 class L2RW(Weighting):
     name: ClassVar[str] = "l2rw"
-    scores: ClassVar[bool] = True
+    needs_scores: ClassVar[bool] = True
     batch_from: ClassVar[BatchFrom] = "scores"
 
-    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+    def batch_importance(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
         if batch.dots is None:  # no validation set yet: a plain step
             return None
         return l2rw_coef(batch.dots)
@@ -39,9 +39,9 @@ class L2RW(Weighting):
 
 def l2rw_coef(dots: np.ndarray) -> np.ndarray:
     """w_i = max(0, <grad loss_i, G_val>) / sum_j max(0, ...) over the batch (B,); uniform if all are <= 0.
-    Floored at COEF_FLOOR and renormalised, so every coefficient is > 0 and they sum to 1."""
+    Floored at IMPORTANCE_FLOOR and renormalised, so every coefficient is > 0 and they sum to 1."""
     u = np.maximum(np.asarray(dots, dtype=np.float64), 0.0)  # (B,)
     total = float(u.sum())
     w = u / total if total > 0 and np.isfinite(total) else np.full(len(u), 1.0 / max(len(u), 1))
-    w = np.maximum(w, COEF_FLOOR)
+    w = np.maximum(w, IMPORTANCE_FLOOR)
     return w / w.sum()

@@ -27,7 +27,7 @@ MIN_LOSS = 1e-6  # a sample the model fits perfectly keeps a sliver of weight
 
 class LossWeighting(Weighting):
     name: ClassVar[str] = "loss"
-    scores: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
     columns: ClassVar[dict[str, type]] = {"running": np.float32, "visits": np.uint16}  # L_i, its visits
 
     def observe(self, table: WeightTable, batch: BatchRecord) -> None:

@@ -6,7 +6,7 @@ reducible, i.e. high under the current model but low under a model trained on tr
                                           again whenever it is replaced)
     RL_i  = loss_i(theta) - IL_i          reducible loss; loss_i(theta) is the step's own forward
     keep the top ceil(SELECT_FRACTION * B) of the batch by RL_i, each with coefficient 1/k; the rest get
-    a floor (``batch_coef``: the loop asks before its backward, so the step has one)
+    a floor (``batch_importance``: the loop asks before its backward, so the step has one)
 
 Wrong labels have a high training loss but also a high irreducible loss (the trusted model disagrees with
 them too), so they are skipped; points already learnt have a low training loss and are skipped too. The
@@ -27,7 +27,7 @@ from trainer.models import TrainModel, build_model
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
-from trainer.weighting.base import COEF_FLOOR, BatchFrom, BatchRecord, Weighting
+from trainer.weighting.base import IMPORTANCE_FLOOR, BatchFrom, BatchRecord, Weighting
 
 SELECT_FRACTION = 0.25
 IL_STEPS = 300
@@ -35,7 +35,7 @@ IL_STEPS = 300
 
 class RhoLoss(Weighting):
     name: ClassVar[str] = "rholoss"
-    scores: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
     batch_from: ClassVar[BatchFrom] = "losses"
 
     def __init__(self, settings: TrainerSettings, device: torch.device | None = None) -> None:
@@ -50,7 +50,7 @@ class RhoLoss(Weighting):
     ) -> None:
         self.validation, self.version = list(samples), version  # the IL model is trained when first needed
 
-    def batch_coef(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
+    def batch_importance(self, table: WeightTable, batch: BatchRecord) -> np.ndarray | None:
         if not self.validation or batch.losses is None:  # nothing trusted yet: a plain step
             return None
         if self.il_model is None or self.il_version != self.version:
@@ -66,7 +66,7 @@ def select_top(reducible: np.ndarray, fraction: float) -> np.ndarray:
     b = len(reducible)
     k = max(1, min(b, math.ceil(fraction * b)))
     top = np.argsort(-np.asarray(reducible, dtype=np.float64), kind="stable")[:k]
-    w = np.full(b, COEF_FLOOR)
+    w = np.full(b, IMPORTANCE_FLOOR)
     w[top] = 1.0 / k
     return w / w.sum()
 

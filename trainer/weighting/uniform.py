@@ -9,4 +9,4 @@ from trainer.weighting.base import Weighting
 
 class Uniform(Weighting):
     name: ClassVar[str] = "uniform"
-    scores: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
