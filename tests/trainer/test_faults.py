@@ -29,7 +29,8 @@ from store.buffer import SampleBuffer
 from store.checkpoints import sha256_file, write_atomic
 from store.keys import Keys
 from store.meta import Checkpoint, make_engine
-from tests.conftest import POSTGRES_ENV, start_redis_server, stop_process_group
+from store.processes import start_redis_server, stop_process_group
+from tests.conftest import POSTGRES_ENV
 from tests.trainer.conftest import MLP, N_FEATURES, blobs, start_trainer, wait_for
 from trainer.loop import EXIT_LEASE_LOST
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from store.keys import Keys
 from store.meta import Checkpoint, make_engine
-from tests.conftest import stop_process_group
+from store.processes import stop_process_group
 from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
 from trainer.state import load_state
 
