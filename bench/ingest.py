@@ -37,15 +37,7 @@ import httpx
 import orjson
 import redis
 
-from store.processes import (
-    api_argv,
-    datadiet_env,
-    free_port,
-    spawn,
-    start_redis_server,
-    stop_process_group,
-    wait_until_ready,
-)
+from store.processes import datadiet_env, start_api_process, start_redis_server, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ingest.md"
@@ -136,16 +128,12 @@ def table(rows: list[Row], raw: Row) -> str:
     return "\n".join(lines)
 
 
-def start_api(redis_url: str, data_dir: Path, stack: ExitStack, **settings: str) -> str:
-    """The API under uvicorn (one worker) on ``redis_url``, ``settings`` as ``DATADIET_*``, stopped with
-    ``stack``; its URL, once ready and warmed up."""
-    port = free_port()
-    log = data_dir / f"api-{port}.log"
+def start_api(name: str, redis_url: str, data_dir: Path, stack: ExitStack, **settings: str) -> str:
+    """The API under uvicorn (one worker) on ``redis_url``, ``settings`` as ``DATADIET_*``, logging to
+    ``<data_dir>/<name>.log`` and stopped with ``stack``; its URL, once ready and warmed up."""
     env = datadiet_env(redis_url=redis_url, data_dir=str(data_dir), **settings)
-    api = spawn(api_argv(port), log=log, env=env, cwd=data_dir)
+    api, base_url = start_api_process(env, log=data_dir / f"{name}.log", cwd=data_dir)
     stack.callback(stop_process_group, api, 15)
-    base_url = f"http://127.0.0.1:{port}"
-    wait_until_ready(base_url, api, log)
     post_all(base_url, batches(make_samples("warmup", 2 * BATCH)))
     return base_url
 
@@ -173,9 +161,9 @@ def main() -> None:
         server = start_redis_server(Path(tmp) / "redis")
         stack.callback(server.stop)
         r = stack.enter_context(redis.Redis.from_url(server.url))
-        api = start_api(server.url, Path(tmp), stack)
+        api = start_api("api", server.url, Path(tmp), stack)
         small_url = f"redis://127.0.0.1:{server.port}/1"
-        small_api = start_api(small_url, Path(tmp), stack, buffer_max_samples=str(args.capacity))
+        small_api = start_api("api-full", small_url, Path(tmp), stack, buffer_max_samples=str(args.capacity))
 
         for rnd in range(args.rounds):
             r.flushall()

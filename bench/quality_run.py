@@ -34,15 +34,7 @@ from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
 from app.schema import content_group
 from datadiet import Client
-from store.processes import (
-    api_argv,
-    datadiet_env,
-    free_port,
-    spawn,
-    start_redis_server,
-    stop_process_group,
-    wait_until_ready,
-)
+from store.processes import datadiet_env, spawn, start_api_process, start_redis_server, stop_process_group
 from trainer import load_checkpoint
 
 TRAINER_METHOD = {"random": "uniform", "val-only": "uniform", "oracle": "uniform"}
@@ -183,10 +175,8 @@ def _run(
     if code is not None:  # the snapshot comes before the editable install's finder on the import path
         env["PYTHONPATH"] = str(code)
     t0 = time.monotonic()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    procs.append(spawn(api_argv(port), log=run_dir / "api.log", env=env, cwd=run_dir))
-    wait_until_ready(url, procs[0], run_dir / "api.log", timeout=120)
+    api, url = start_api_process(env, log=run_dir / "api.log", cwd=run_dir, timeout=120)
+    procs.append(api)
     result.phases["api_ready"] = time.monotonic() - t0
     first, rest = training_stream(scn, spec)
     with Client(url, timeout=60) as client:

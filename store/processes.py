@@ -10,6 +10,7 @@
     datadiet_env(**settings)        this environment without any ``DATADIET_*`` variable, plus ``settings``
     spawn(argv, log=...)            a child in a session of its own, its output appended to a log file
     wait_until_ready(url)           until the API's ``/readyz`` answers 200
+    start_api_process(env, ...)     the API spawned on a free port, once ready: (process, base URL)
     stop_process_group(proc)        SIGTERM, then SIGKILL; to the whole group when the process leads one
 
 It lives in ``store`` because the embedded Redis finds its binary here and ``store`` imports neither
@@ -201,6 +202,23 @@ def wait_until_ready(
         return f":\n{log.read_text(errors='replace')[-4000:]}" if log is not None and log.exists() else ""
 
     return _wait(readyz, f"the API at {base_url}", timeout, proc, 0.1, tail, keep_waiting)
+
+
+def start_api_process(
+    env: dict[str, str], *, log: Path, cwd: Path, workers: int = 1, timeout: float = 30.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The API (api_argv) on a free port of 127.0.0.1, spawned with ``env``; returns the process and its
+    base URL once ``/readyz`` answers 200. One that is not ready within ``timeout`` is stopped, and
+    RuntimeError says why with the tail of ``log``."""
+    port = free_port()
+    proc = spawn(api_argv(port, workers=workers), log=log, env=env, cwd=cwd)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base_url, proc, log, timeout)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, base_url
 
 
 def _wait(

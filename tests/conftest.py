@@ -44,13 +44,10 @@ from store.config import Settings
 from store.meta import normalise_url
 from store.processes import (
     RedisServer,
-    api_argv,
     datadiet_env,
-    free_port,
-    spawn,
+    start_api_process,
     start_redis_server,
     stop_process_group,
-    wait_until_ready,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -194,13 +191,9 @@ def start_api(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
     def start(workers: int = 1, **settings: str) -> str:
         run_dir = tmp_path / f"api-{len(procs)}"
         run_dir.mkdir()
-        port = free_port()
         env = datadiet_env(**{"redis_url": redis_url, "data_dir": str(run_dir / "data"), **settings})
-        log = run_dir / "api.log"
-        proc = spawn(api_argv(port, workers=workers), log=log, env=env, cwd=run_dir)
+        proc, base_url = start_api_process(env, log=run_dir / "api.log", cwd=run_dir, workers=workers)
         procs.append(proc)
-        base_url = f"http://127.0.0.1:{port}"
-        wait_until_ready(base_url, proc, log)
         return base_url
 
     yield start

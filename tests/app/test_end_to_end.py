@@ -25,15 +25,7 @@ import pytest
 
 from app.demo.scenarios import MLP_DIGITS, Scenario, build_scenario
 from datadiet import Client, load_latest
-from store.processes import (
-    api_argv,
-    datadiet_env,
-    free_port,
-    spawn,
-    start_redis_server,
-    stop_process_group,
-    wait_until_ready,
-)
+from store.processes import datadiet_env, spawn, start_api_process, start_redis_server, stop_process_group
 from trainer import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -76,17 +68,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     }
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(argv: list[str], log: Path, **extra: str) -> subprocess.Popen[bytes]:
-        procs.append(spawn(argv, log=log, env=datadiet_env(**settings, **extra), cwd=root))
-        return procs[-1]
-
     try:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        api = start(api_argv(port), root / "api.log")
-        wait_until_ready(url, api, root / "api.log", timeout=60)  # the API creates the schema first
-        trainer = start([sys.executable, "-m", "trainer"], root / "trainer.log",
-                        max_steps=str(MAX_STEPS), checkpoint_every=str(CHECKPOINT_EVERY))  # fmt: skip
+        # the API creates the schema first
+        api, url = start_api_process(datadiet_env(**settings), log=root / "api.log", cwd=root, timeout=60)
+        procs.append(api)
+        env = datadiet_env(**settings, max_steps=str(MAX_STEPS), checkpoint_every=str(CHECKPOINT_EVERY))
+        trainer = spawn([sys.executable, "-m", "trainer"], log=root / "trainer.log", env=env, cwd=root)
+        procs.append(trainer)
         scenario = build_scenario("digits")
         with Client(url) as client:
             client.set_validation(scenario.validation)
