@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import threading
@@ -36,11 +35,11 @@ from store.lease import LeaseLost
 from trainer.intake import Intake
 from trainer.models import build_model
 from trainer.outage import DATABASE_ERRORS, REDIS_ERRORS, Dependency
-from trainer.publish import Publisher
+from trainer.publish import Publisher, checkpoint, status
 from trainer.quarantine import Quarantine
 from trainer.sampler import Sampler
 from trainer.settings import TrainerSettings
-from trainer.state import capture, resume
+from trainer.state import resume
 from trainer.step import Learner
 from trainer.table import WeightTable
 from trainer.validation import Validation
@@ -213,62 +212,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ rank 0: publishing
     def publish(self) -> None:
-        self.publisher.publish_weights(self.table, self.step, self.learner.weighting.name, self.status())
+        self.publisher.publish_weights(self.table, self.step, self.learner.weighting.name, status(self))
 
     def checkpoint(self) -> bool:
-        """Publish weights and write a checkpoint; whether it was written. Redis unavailable: not now
-        (``checkpoint_due`` retries it); database unavailable: written, its row registered later."""
-        self.redis.attempt(lambda: self.intake.read_evictions(self.table))
-        self.table.compact()  # rows of evicted samples go; the cache is keyed by ordinal, not row
-        self.sampler.reweight(self.table, self.learner.weighting.weights(self.table, self.step))
-        self.redis.attempt(self.publish)
-        self.db.attempt(self.publisher.refresh_known_version)
-        val = self.validation.full_loss(self.learner.model)
-        metrics = {
-            "val_loss": None if math.isnan(val) else val,
-            "train_loss": _finite(self.learner.train_loss),
-            "effective_fraction": (self.publisher.last_doc or {})
-            .get("summary", {})
-            .get("effective_fraction"),
-            "live_samples": self.table.live,
-            "validation_version": self.validation.version,
-            "quarantined": self.quarantine.count,
-        }
-        settings = self.settings.model_dump(mode="json", exclude={"api_keys", "redis_url", "database_url"})
-        state = capture(self)
-        ok, values = self.redis.attempt(
-            lambda: self.publisher.write_checkpoint(self.learner.model, state, metrics, settings)
-        )
-        if not ok or values is None:
-            self.checkpoint_due = True  # no version without Redis (it is reserved under the lease)
-            return False
-        self.checkpoint_due = False
-        self.checkpointed_step = self.step
-        self.redis.attempt(self.intake.ack)  # the saved table holds them now
-        registered, _ = self.db.attempt(self.publisher.register_pending)
-        # retention, only when both answer: without Redis, which checkpoints are in use is unknown
-        ok, in_use = self.redis.attempt(lambda: self.feed.checkpoints_in_use(time.time()))
-        if registered and ok and in_use is not None:
-            s = self.settings
-            self.db.attempt(lambda: self.publisher.prune(s.keep_checkpoints, s.keep_weight_snapshots, in_use))
-        log.info(
-            "published checkpoint v%d at step %d (val_loss %s)%s",
-            values["version"],
-            self.step,
-            metrics["val_loss"],
-            "" if registered else "; its database row waits for the database",
-        )
-        return True
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "steps_per_s": round(self.rate, 3),
-            "val_loss": _finite(self.validation.loss) or "",
-            "train_loss": _finite(self.learner.train_loss) or "",
-            "method": self.learner.weighting.name,
-            "device": self.learner.device.type,
-            "validation_version": self.validation.version,
-        }
+        """Publish weights and write a checkpoint (trainer/publish.py ``checkpoint``); whether written."""
+        return checkpoint(self)
 
     def _progress(self) -> None:
         doc = self.publisher.last_doc or {}
@@ -289,10 +237,6 @@ class Trainer:
             self.table.live,
             len(self.table.unscored),
         )
-
-
-def _finite(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else round(float(x), 6)
 
 
 def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:

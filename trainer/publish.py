@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import delete, select
@@ -28,8 +29,11 @@ from store.histogram import HIST_EDGES
 from store.meta import Checkpoint, WeightSnapshot, latest_checkpoint
 from trainer.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from trainer.models.base import TrainModel
-from trainer.state import TrainerState, prune_states, save_state, state_paths
+from trainer.state import TrainerState, capture, prune_states, save_state, state_paths
 from trainer.table import WeightTable
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 
 log = logging.getLogger("datadiet.trainer")
 
@@ -239,3 +243,65 @@ def checkpoint_files(data_dir: Path) -> dict[int, Path]:
 
 def newest_version_on_disk(data_dir: Path) -> int:
     return max(checkpoint_files(data_dir), default=0)
+
+
+# --- the trainer's rank-0 work, in one place --------------------------------------------------------
+
+
+def checkpoint(t: Trainer) -> bool:
+    """Publish weights and write a checkpoint; whether it was written. Redis unavailable: not now
+    (``checkpoint_due`` retries it); database unavailable: written, its row registered later."""
+    t.redis.attempt(lambda: t.intake.read_evictions(t.table))
+    t.table.compact()  # rows of evicted samples go; the cache is keyed by ordinal, not row
+    t.sampler.reweight(t.table, t.learner.weighting.weights(t.table, t.step))
+    t.redis.attempt(t.publish)
+    t.db.attempt(t.publisher.refresh_known_version)
+    val = t.validation.full_loss(t.learner.model)
+    metrics = {
+        "val_loss": None if math.isnan(val) else val,
+        "train_loss": _finite(t.learner.train_loss),
+        "effective_fraction": (t.publisher.last_doc or {}).get("summary", {}).get("effective_fraction"),
+        "live_samples": t.table.live,
+        "validation_version": t.validation.version,
+        "quarantined": t.quarantine.count,
+    }
+    settings = t.settings.model_dump(mode="json", exclude={"api_keys", "redis_url", "database_url"})
+    state = capture(t)
+    ok, values = t.redis.attempt(
+        lambda: t.publisher.write_checkpoint(t.learner.model, state, metrics, settings)
+    )
+    if not ok or values is None:
+        t.checkpoint_due = True  # no version without Redis (it is reserved under the lease)
+        return False
+    t.checkpoint_due = False
+    t.checkpointed_step = t.step
+    t.redis.attempt(t.intake.ack)  # the saved table holds them now
+    registered, _ = t.db.attempt(t.publisher.register_pending)
+    # retention, only when both answer: without Redis, which checkpoints are in use is unknown
+    ok, in_use = t.redis.attempt(lambda: t.feed.checkpoints_in_use(time.time()))
+    if registered and ok and in_use is not None:
+        s = t.settings
+        t.db.attempt(lambda: t.publisher.prune(s.keep_checkpoints, s.keep_weight_snapshots, in_use))
+    log.info(
+        "published checkpoint v%d at step %d (val_loss %s)%s",
+        values["version"],
+        t.step,
+        metrics["val_loss"],
+        "" if registered else "; its database row waits for the database",
+    )
+    return True
+
+
+def status(t: Trainer) -> dict[str, Any]:
+    return {
+        "steps_per_s": round(t.rate, 3),
+        "val_loss": _finite(t.validation.loss) or "",
+        "train_loss": _finite(t.learner.train_loss) or "",
+        "method": t.learner.weighting.name,
+        "device": t.learner.device.type,
+        "validation_version": t.validation.version,
+    }
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
