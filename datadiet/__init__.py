@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from datadiet.client import Client, DatadietError, IngestSummary, load_latest
+from datadiet.client import Client, IngestSummary, load_latest
+from datadiet.errors import DatadietError
 
 if TYPE_CHECKING:
     from trainer.checkpoint import load_checkpoint
