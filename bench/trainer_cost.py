@@ -1,9 +1,9 @@
-"""Trainer benchmark: what bilevel reweighting costs per step, and the weight table at a million samples.
+"""Trainer cost benchmark: what bilevel reweighting costs per step, and the weight table at a million samples.
 
-    python bench/trainer.py                  # 25 rounds of 20 steps per arm, with the levers: ~7 min
-    python bench/trainer.py --quick          # 10 rounds of 20 steps, defaults only: < 2 min
-    python bench/trainer.py --threads 1,0 --no-levers      # also at torch's default thread count (0)
-    python bench/trainer.py --rounds 40 --device cuda
+    python bench/trainer_cost.py                  # 25 rounds of 20 steps per arm, with the levers: ~7 min
+    python bench/trainer_cost.py --quick          # 10 rounds of 20 steps, defaults only: < 2 min
+    python bench/trainer_cost.py --threads 1,0 --no-levers      # also at torch's default thread count (0)
+    python bench/trainer_cost.py --rounds 40 --device cuda
 
 It starts its own redis-server (free port, no persistence) and a SQLite database in a temp dir, then:
 
@@ -22,12 +22,12 @@ It starts its own redis-server (free port, no persistence) and a SQLite database
    churn at capacity.
 4. Seconds per ``Publisher.publish_weights`` of 1,000,000 weights into the rank zset.
 
-Prints the environment and markdown tables and writes them to ``bench/results/trainer.md`` (``--output``).
+Prints the environment and markdown tables and writes them to ``bench/results/trainer_cost.md``
+(``--output``).
 """
 
 from __future__ import annotations
 
-# ruff: noqa: E402
 import argparse
 import asyncio
 import gc
@@ -46,11 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-# run as a script, this file's folder comes first on sys.path and the file shadows the package `trainer`
-REPO = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
-
 import numpy as np
 import redis
 import redis.asyncio as aioredis
@@ -59,11 +54,11 @@ from sqlalchemy.engine import Engine
 
 from app.demo.tasks import ADD
 from app.schema import InputSpec, to_record, validate_samples
-from bench.ingest import start_redis
 from store.buffer import SampleBuffer
 from store.feed import TrainerFeed
 from store.keys import UNWEIGHTED_PRIORITY, Keys
 from store.meta import make_engine, migrate
+from store.processes import start_redis_server
 from trainer.hypergrad import GhostScorer
 from trainer.intake import PayloadCache
 from trainer.loop import Trainer
@@ -72,7 +67,8 @@ from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting.base import BatchRecord
 
-RESULTS = REPO / "bench" / "results" / "trainer.md"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "trainer_cost.md"
 MODELS: dict[str, dict[str, Any]] = {"tiny-gpt": {}, "mlp": {"n_features": 64, "n_classes": 10}}
 N_SAMPLES, N_VAL, N_SOURCES = 4_000, 200, 8
 TABLE_ROWS, DRAW = 1_000_000, 256
@@ -552,7 +548,9 @@ def main() -> None:
     table = measure_fill(scale, defaults.read_count)
     with tempfile.TemporaryDirectory(prefix="datadiet-bench-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        url = f"{start_redis(tmp_name, stack)}/0"
+        server = start_redis_server(tmp / "redis")
+        stack.callback(server.stop)
+        url = server.url
         engine = make_engine(f"sqlite:///{tmp / 'meta.db'}")
         stack.callback(engine.dispose)
         migrate(engine)
@@ -577,9 +575,9 @@ def main() -> None:
 
     headline = [a for a in arms if "," not in a.method]
     levers = [a for a in arms if a.threads == 1]
-    command = " ".join(["python bench/trainer.py", *sys.argv[1:]])
+    command = " ".join(["python bench/trainer_cost.py", *sys.argv[1:]])
     report = "\n".join([
-        "# Trainer benchmark",
+        "# Trainer cost benchmark",
         "",
         f"{env}. `{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
