@@ -1,6 +1,6 @@
 """The trainer's settings: the shared ``DATADIET_*`` settings plus the learning loop's knobs.
 
-Every default here is the one the benchmarks (bench/trainer.py, bench/quality.py) use.
+Every default here is the one the benchmarks (bench/trainer_cost.py, bench/quality.py) use.
 """
 
 from __future__ import annotations
