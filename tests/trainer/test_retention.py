@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -18,15 +19,18 @@ from store.meta import Checkpoint, WeightSnapshot, make_engine
 from tests.trainer.conftest import MLP, blobs
 
 
+@pytest.fixture
+def api(make_settings: Callable[..., Any], make_client: Callable[..., TestClient]) -> TestClient:
+    """The API on an mlp deployment holding 300 clean samples."""
+    client = make_client(make_settings(model="mlp", model_params=MLP))
+    samples = blobs(300, 1, source="a", noisy=False, prefix="a")
+    assert client.post("/v1/samples", json={"samples": samples}).status_code == 202
+    return client
+
+
 def test_old_checkpoints_are_deleted_except_the_newest_and_one_in_use(
-    tmp_path: Path,
-    redis_client: redis.Redis,
-    make_settings: Callable[..., Any],
-    make_client: Callable[..., TestClient],
-    make_trainer: Callable[..., Any],
+    tmp_path: Path, redis_client: redis.Redis, api: TestClient, make_trainer: Callable[..., Any]
 ) -> None:
-    api = make_client(make_settings(model="mlp", model_params=MLP))
-    assert api.post("/v1/samples", json={"samples": blobs(300, 1, source="a", noisy=False, prefix="a")})
     redis_client.zadd(Keys().downloads, {"2": time.time() + 3600})  # an agent is downloading v2
     trainer = make_trainer(max_steps=80, checkpoint_every=10, keep_checkpoints=3, keep_weight_snapshots=2)
     assert trainer.run() == 0
@@ -45,14 +49,8 @@ def test_old_checkpoints_are_deleted_except_the_newest_and_one_in_use(
 
 
 def test_a_download_marks_its_checkpoint_in_use_for_a_while_after_it_ends(
-    tmp_path: Path,
-    redis_client: redis.Redis,
-    make_settings: Callable[..., Any],
-    make_client: Callable[..., TestClient],
-    make_trainer: Callable[..., Any],
+    redis_client: redis.Redis, api: TestClient, make_trainer: Callable[..., Any]
 ) -> None:
-    api = make_client(make_settings(model="mlp", model_params=MLP))
-    assert api.post("/v1/samples", json={"samples": blobs(100, 1, source="a", noisy=False, prefix="a")})
     assert make_trainer(max_steps=10, checkpoint_every=10).run() == 0
     before = time.time()
     assert api.get("/v1/checkpoints/1/file").status_code == 200
