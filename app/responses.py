@@ -202,6 +202,9 @@ class TrainerStats(Open):
     steps_per_s: float | None
     val_loss: float | None
     updated_at: str | None
+    unscored: int | None = Field(
+        None, description="the trainer's unscored queue (bounded: DATADIET_MAX_UNSCORED)"
+    )
 
 
 class Stats(Open):

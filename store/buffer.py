@@ -170,6 +170,7 @@ class SampleBuffer:
                 "steps_per_s": float(t["steps_per_s"]) if "steps_per_s" in t else None,
                 "val_loss": float(t["val_loss"]) if t.get("val_loss") not in (None, "", "nan") else None,
                 "updated_at": t.get("updated_at"),
+                "unscored": int(t["unscored"]) if t.get("unscored", "").isdigit() else None,
             },
         }
 

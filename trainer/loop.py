@@ -179,6 +179,7 @@ class Trainer:
                 self.refresh_validation()
 
         self.intake.poll(self.table, new_validation_first)
+        self.sampler.bound_queue(self.table)
 
     def refresh_validation(self) -> None:
         """Take a new validation set if there is one (Redis errors propagate)."""

@@ -300,6 +300,8 @@ def status(t: Trainer) -> dict[str, Any]:
         "method": t.learner.weighting.name,
         "device": t.learner.device.type,
         "validation_version": t.validation.version,
+        "unscored": len(t.table.unscored),
+        "quarantined_here": t.quarantine.count,
     }
 
 

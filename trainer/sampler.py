@@ -21,7 +21,7 @@ import numpy as np
 
 from trainer.intake import MISSING, PayloadCache
 from trainer.settings import TrainerSettings
-from trainer.table import WeightTable
+from trainer.table import RowQueue, WeightTable
 from trainer.weighting.base import IMPORTANCE_FLOOR
 
 
@@ -42,13 +42,41 @@ class Sampler:
         self.rng = rng  # shared with the validation batches: one stream, saved in the trainer state
 
     def reweight(self, table: WeightTable, weights: np.ndarray) -> None:
-        """Take every row's new weight (dead rows 0) and set the draw probabilities q from it."""
+        """Take every row's new weight (dead rows 0) and set the draw probabilities q from it; each
+        source's mean live weight becomes what its next new samples start at (``source_weight``)."""
         table.cols["weight"][: table.n] = weights
+        alive = table.alive
+        src = table.source[alive].astype(np.int64)
+        count = np.bincount(src, minlength=len(table.sources))
+        total = np.bincount(src, weights=weights[alive].astype(np.float64), minlength=len(table.sources))
+        table.source_weight = np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
         explore = self.settings.explore
         probs = (1 - explore) * weights / max(float(weights.sum()), 1e-12) + explore * table.alive / max(
             table.live, 1
         )
         table.set_sampling(np.where(table.alive, probs, 0.0))
+
+    def bound_queue(self, table: WeightTable) -> int:
+        """Keep the unscored queue within ``max_unscored``: past it, a random subsample of the queued rows
+        of well-estimated sources (at least ``source_scoring_target`` samples scored) stays, in arrival
+        order; rows of sources not yet estimated always stay. The rows left out stay in the table, drawn by
+        their source's weight. Returns how many left the queue."""
+        bound, q = self.settings.max_unscored, table.unscored
+        if len(q) <= bound:
+            return 0
+        queued = q.array()
+        src = table.source[queued].astype(np.int64)
+        scored = np.zeros(len(table.sources), dtype=np.int64)
+        scored[: len(table.scored_per_source)] = table.scored_per_source
+        estimated = scored[src] >= self.settings.source_scoring_target  # (queue length,)
+        room = max(0, bound - int((~estimated).sum()))
+        candidates = np.flatnonzero(estimated)
+        keep = np.ones(len(queued), dtype=bool)
+        if len(candidates) > room:
+            drop = self.rng.choice(candidates, size=len(candidates) - room, replace=False)
+            keep[drop] = False
+        table.unscored = RowQueue(queued[keep])
+        return int((~keep).sum())
 
     def draw(self, table: WeightTable, cache: PayloadCache, *, from_queue: bool) -> Draw:
         """One batch; evicted samples are dropped (and their rows killed), samples whose payload Redis

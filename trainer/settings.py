@@ -40,6 +40,15 @@ class TrainerSettings(Settings):
             "DATADIET_UNSCORED_FRACTION", "DATADIET_FRESH_FRACTION", "unscored_fraction"
         ),
     )
+    max_unscored: int = Field(
+        4096,
+        ge=1,
+        description="bound on the unscored queue: past it, a random subsample of well-estimated "
+        "sources' queued samples stays queued, the rest are drawn by their source's weight",
+    )
+    source_scoring_target: int = Field(
+        200, ge=0, description="a source (cohort) with fewer scored samples keeps all its samples queued"
+    )
     min_visits: int = Field(
         3, ge=1, description="a sample stays in the priority queue until scored this often"
     )

@@ -109,6 +109,7 @@ class Learner:
         w.observe(table, record)
         if scoring:
             self.scorings += 1
+            table.count_first_scores(draw.rows)
             visits = table.cols["visits"]  # scored visits: counted here, whatever the rule
             np.add.at(visits, draw.rows[visits[draw.rows] < np.iinfo(np.uint16).max], 1)
             # samples scored fewer than min_visits times go back in the queue: one score is a noisy estimate

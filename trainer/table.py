@@ -26,7 +26,7 @@ _FIELDS: dict[str, Any] = {
     "alive": np.bool_,
     "weight": np.float32,
 }
-_NOT_COLUMNS = frozenset({"fresh", "sampling"})  # saved beside the columns
+_NOT_COLUMNS = frozenset({"fresh", "sampling", "source_weight", "scored_per_source"})  # not per-row
 
 
 class RowQueue:
@@ -90,6 +90,9 @@ class WeightTable:
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
         self._sorted = True  # rows are in ordinal order (true unless a re-delivered entry came late)
+        # per source index: the mean live weight at the last reweight (what a new sample of it starts at)
+        self.source_weight = np.zeros(0, dtype=np.float32)
+        self.scored_per_source = np.zeros(0, dtype=np.int64)  # per source index: samples scored at least once
 
     # columns -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> np.ndarray:
@@ -142,8 +145,13 @@ class WeightTable:
         return names, np.array([pos[n] for n in self.sources], dtype=np.int64)
 
     # growth and removal ----------------------------------------------------------------------------
-    def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
-        """Append rows for samples not already in the table; returns the new rows' indices."""
+    def add(
+        self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str], *, queue: bool = True
+    ) -> np.ndarray:
+        """Append rows for samples not already in the table; returns the new rows' indices. A new row's
+        weight is its source's (cohort's) current mean weight (``source_weight``, 1 for a new source):
+        what a sample that was never scored gets. ``queue``: put every new row in the unscored queue (the
+        trainer decides per row instead: trainer/sampler.py ``ScoringBudget``)."""
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if not len(ordinals):
             return np.empty(0, dtype=np.int64)
@@ -164,17 +172,32 @@ class WeightTable:
         c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
         for name in c.keys() - {"ordinal", "group", "source", "alive", "weight"}:
             c[name][rows] = 0  # scored visits and the rule's statistics start at zero
-        c["alive"][rows], c["weight"][rows] = True, 1.0
-        # a new row's sampling mass is the average live row's (weight 1 is the average weight): a fixed
-        # mass of 1 against normalised probabilities summing to 1 would hand nearly every draw until the
-        # next reweight to whatever arrived last
-        mass = self.tree.total / self._live if self._live and self.tree.total > 0 else 1.0
+        w = np.ones(len(rows), dtype=np.float32)
+        estimated = src < len(self.source_weight)
+        w[estimated] = self.source_weight[src[estimated]]
+        c["alive"][rows], c["weight"][rows] = True, w
+        # a new row's sampling mass is the average live row's times its weight relative to the average
+        # (1): a fixed mass of 1 against normalised probabilities summing to 1 would hand nearly every draw
+        # until the next reweight to whatever arrived last
+        avg = self.tree.total / self._live if self._live and self.tree.total > 0 else 1.0
+        mass = avg * np.maximum(w.astype(np.float64), 1e-3)
         self.n += len(rows)
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
-        self.tree.update(rows, np.full(len(rows), mass))
-        self.unscored.extend(rows)
+        self.tree.update(rows, mass)
+        if queue:
+            self.unscored.extend(rows)
         return rows
+
+    def count_first_scores(self, rows: np.ndarray) -> None:
+        """Call before counting a batch's scored visits: its rows scored for the first time count toward
+        their source's ``scored_per_source``."""
+        first = np.unique(rows[self.cols["visits"][rows] == 0])
+        if len(first):
+            n = len(self.sources)
+            if len(self.scored_per_source) < n:
+                self.scored_per_source = np.pad(self.scored_per_source, (0, n - len(self.scored_per_source)))
+            np.add.at(self.scored_per_source, self.cols["source"][first].astype(np.int64), 1)
 
     def rows_of(self, ordinals: np.ndarray) -> np.ndarray:
         """The rows holding these ordinals (those not in the table are skipped): a binary search while
@@ -252,6 +275,8 @@ class WeightTable:
         arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
         arrays["fresh"] = self.unscored.array()
         arrays["sampling"] = self.tree.values()[: self.n]  # the draw probabilities, exactly as they were
+        arrays["source_weight"] = self.source_weight
+        arrays["scored_per_source"] = self.scored_per_source
         info = {"sources": self.sources, "cohorts": self.source_cohorts, "cohort": self.cohort}
         sizes = {"capacity": len(self.cols["alive"]), "tree_capacity": self.tree.capacity}
         return arrays, {**info, **sizes, "evicted": self.evicted}
@@ -276,6 +301,8 @@ class WeightTable:
         t.cohort = int(info.get("cohort", 0))
         t.evicted = int(info.get("evicted", 0))
         t.unscored = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
+        t.source_weight = np.asarray(arrays.get("source_weight", np.zeros(0)), dtype=np.float32)
+        t.scored_per_source = np.asarray(arrays.get("scored_per_source", np.zeros(0)), dtype=np.int64)
         if "sampling" in arrays and len(arrays["sampling"]) == n:
             t.set_sampling(np.asarray(arrays["sampling"], dtype=np.float64))
         else:  # a state saved before the sampling column was
