@@ -246,6 +246,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="datadiet",
@@ -272,10 +279,19 @@ def parser() -> argparse.ArgumentParser:
         fn=cmd_up
     )
     d = server("demo", "run the service with simulated agents of known quality and summarise what it learned")
+    d.epilog = (
+        "The agents are paced by the trainer's steps, not by the clock: before the first step they post "
+        "20 steps' worth, then keep RATE x (step + 20) samples posted, each agent its share of them. The "
+        "same seed gives the same table, within noise, on a fast and on a busy machine. The summary is also "
+        "written to <data dir>/demo/summary.json."
+    )
     d.add_argument("--steps", type=int, default=1500, help="training steps before the summary (default 1500)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
-        "--rate", type=float, default=400.0, help="samples per second all agents post (default 400)"
+        "--rate",
+        type=_positive_float,
+        default=32.0,
+        help="samples all agents post together per training step (default 32: half the trainer's batch)",
     )
     d.set_defaults(fn=cmd_demo)
     s = server("serve", "run the API alone")
