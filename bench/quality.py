@@ -5,11 +5,20 @@
     python bench/quality.py --quick          # smoke: noisy, seed 0, uniform and bilevel; exit 1 unless
                                              # bilevel beats uniform on held-out test accuracy
     python bench/quality.py --scenarios noisy digits --methods uniform bilevel --seeds 0 1
+    python bench/quality.py --scenarios noisy redundancy --rates 1 4 16   # streamed as the trainer goes
+    python bench/quality.py --scenarios redundancy@0 redundancy@0.1 redundancy@0.25 redundancy@0.5 \
+        digits-flood@0 digits-flood@0.002 digits-flood@0.01 digits-flood@0.03 digits-flood@0.1
+                                             # the flood-noise sweep (not in the default run)
 
 Every run goes through the real pipeline (bench/quality_run.py): its own redis-server, the API under
 uvicorn, the trainer as ``python -m trainer`` (one torch thread), samples posted over HTTP with the
 client, metrics read back over HTTP. Two runs at a time (one per core). The held-out test set is only
 ever used for the final accuracy; nothing trains, reweights or stops early on it.
+
+``--rates`` streams each run's samples as the trainer goes (bench/quality_stream.py): rate R is R x
+batch size new samples per training step, paced by the trainer's step, the stream generated long enough
+for the step budget; ``all`` (the default) posts the whole stream up front, as before. Drift runs only
+``all`` (its stream switches task at a sample index).
 
 Writes ``bench/results/quality.md`` (the table, the targets and the definitions), ``quality.json`` (every
 run's numbers and curves) and PNGs ``bench/results/quality-<scenario>-*.png``; prints the table and one
@@ -39,14 +48,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from app.demo.scenarios import FLOOD_SWEEP  # noqa: E402
 from bench.quality_report import load_results, render_table, targets, write_report  # noqa: E402
 from bench.quality_run import RunResult, RunSpec, run, snapshot_code  # noqa: E402
+from bench.quality_stream import stream_length  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digits"]
+SWEEP = [f"{base}@{level:g}" for base, levels in FLOOD_SWEEP.items() for level in levels]
+SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digits", *SWEEP]
 # the issue's five; noisy-carry (a consistent slip that no score sees before the model has learnt the carry,
-# ~15% of the full run's time) runs when asked for by name
-DEFAULT_SCENARIOS = [s for s in SCENARIOS if s != "noisy-carry"]
+# ~15% of the full run's time) and the flood-noise sweep run when asked for by name
+DEFAULT_SCENARIOS = ["noisy", "redundancy", "misaligned", "drift", "digits"]
 METHODS = ["uniform", "random", "val-only", "loss", "l2rw", "rholoss", "bilevel", "oracle"]
 NOT_FOR = {
     "drift": {"random", "oracle"},  # nothing to subsample against, no clean-only stream
@@ -64,7 +76,9 @@ BUDGET = {
     "drift": (500, 25, 20_000),
     "digits": (1500, 50, 10_000),
 }
+BUDGET |= {name: BUDGET["digits" if name.startswith("digits") else "redundancy"] for name in SWEEP}
 QUICK_BUDGET = BUDGET["noisy"]
+POST_S = 1e-4  # generating and posting a sample, ~10,000 a second
 COST = {"l2rw": 2.2, "rholoss": 2.0, "bilevel": 1.3}  # rough run time against uniform, for scheduling
 SECONDS_PER_STEP = {"digits": 0.01}  # the rest: tiny-gpt, ~0.07 s per uniform step on a shared core
 
@@ -75,13 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=DEFAULT_SCENARIOS)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--rates",
+        nargs="+",
+        type=_rate,
+        default=[None],
+        metavar="R",
+        help="stream rates: new samples per step in batches (1 4 16), or 'all' up front (default)",
+    )
     p.add_argument("--workers", type=int, default=2, help="runs at a time (each trainer uses one thread)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--from-json", type=Path, help="render the report of a saved quality.json again, no runs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
-        args.scenarios, args.methods, args.seeds = ["noisy"], ["uniform", "bilevel"], [0]
+        args.scenarios, args.methods, args.seeds, args.rates = ["noisy"], ["uniform", "bilevel"], [0], [None]
     name = "quality-quick" if args.quick else "quality"
     if args.from_json:
         meta, results = load_results(args.from_json)
@@ -97,9 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return quick_verdict(results) if args.quick else 0
 
 
+def _rate(text: str) -> float | None:
+    if text == "all":
+        return None
+    rate = float(text)
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"a rate is a positive number or 'all', got {text!r}")
+    return rate
+
+
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunResult]]:
     """Run the selection; (meta for the report, results)."""
-    specs = plan(args.scenarios, args.methods, args.seeds, args.quick)
+    specs = plan(args.scenarios, args.methods, args.seeds, args.quick, args.rates)
     workdir = Path(tempfile.mkdtemp(prefix="datadiet-quality-"))
     load_start = os.getloadavg()[0]
     t0 = time.monotonic()
@@ -112,6 +143,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunResult]]:
     meta = {
         "quick": args.quick,
         "seeds": args.seeds,
+        "rates": ["all" if r is None else r for r in args.rates],
         "budget": {s: list(QUICK_BUDGET if args.quick else BUDGET[s]) for s in args.scenarios},
         "elapsed_s": time.monotonic() - t0,
         "workers": args.workers,
@@ -121,7 +153,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[RunResult]]:
         "commit": _git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else ""),
         "code": code,
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "command": "python bench/quality.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
     }
     return meta, results
 
@@ -131,32 +163,48 @@ def _git(*args: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def plan(scenarios: list[str], methods: list[str], seeds: list[int], quick: bool) -> list[RunSpec]:
+def plan(
+    scenarios: list[str],
+    methods: list[str],
+    seeds: list[int],
+    quick: bool,
+    rates: list[float | None] | None = None,
+) -> list[RunSpec]:
     specs = []
-    for scn in scenarios:
-        steps, every, n = QUICK_BUDGET if quick else BUDGET[scn]
-        for method in methods:
-            if method in NOT_FOR.get(scn, set()):
+    for rate in rates or [None]:
+        for scn in scenarios:
+            if rate is not None and scn == "drift":
+                print(
+                    "drift runs only at rate 'all' (its stream switches task at a sample index)",
+                    file=sys.stderr,
+                )
                 continue
-            for seed in seeds:
-                switch = steps // 2 if scn == "drift" else None
-                specs.append(RunSpec(scn, method, seed, steps, every, n, switch))
+            steps, every, n = QUICK_BUDGET if quick else BUDGET[scn]
+            if rate is not None:  # long enough for the budget at this rate
+                n = stream_length(steps, rate)
+            for method in methods:
+                if method in NOT_FOR.get(scn, set()):
+                    continue
+                for seed in seeds:
+                    switch = steps // 2 if scn == "drift" else None
+                    specs.append(RunSpec(scn, method, seed, steps, every, n, switch, rate=rate))
     # the longest first; random last, as it waits for bilevel's effective fraction
     return sorted(specs, key=lambda s: (s.method == "random", -_cost(s)))
 
 
 def _cost(spec: RunSpec) -> float:
-    return spec.steps * SECONDS_PER_STEP.get(spec.scenario, 0.07) * COST.get(spec.method, 1.0)
+    per_step = SECONDS_PER_STEP.get(spec.scenario.split("@")[0].removesuffix("-flood"), 0.07)
+    return spec.steps * per_step * COST.get(spec.method, 1.0) + spec.n_stream * POST_S
 
 
 def execute(specs: list[RunSpec], workers: int, workdir: Path) -> list[RunResult]:
     """Every run, ``workers`` at a time, each importing the code snapshot under ``workdir / "code"``."""
-    futures: dict[tuple[str, str, int], Future[RunResult]] = {}
+    futures: dict[tuple[str, float | None, str, int], Future[RunResult]] = {}
     done: list[RunResult] = []
 
     def job(spec: RunSpec) -> RunResult:
         if spec.method == "random":
-            ref = futures.get((spec.scenario, "bilevel", spec.seed))
+            ref = futures.get((spec.scenario, spec.rate, "bilevel", spec.seed))
             fraction = ref.result().effective_fraction if ref is not None else math.nan
             if not math.isfinite(fraction):
                 return RunResult(spec, error="random needs bilevel's effective fraction (run bilevel too)")
@@ -168,11 +216,14 @@ def execute(specs: list[RunSpec], workers: int, workdir: Path) -> list[RunResult
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for spec in specs:
-            futures[(spec.scenario, spec.method, spec.seed)] = pool.submit(job, spec)
+            futures[(spec.scenario, spec.rate, spec.method, spec.seed)] = pool.submit(job, spec)
         results = [f.result() for f in futures.values()]
-    return sorted(
-        results, key=lambda r: (SCENARIOS.index(r.spec.scenario), METHODS.index(r.spec.method), r.spec.seed)
-    )
+    return sorted(results, key=lambda r: (SCENARIOS.index(r.spec.scenario), _rate_order(r.spec.rate),
+                                          METHODS.index(r.spec.method), r.spec.seed))  # fmt: skip
+
+
+def _rate_order(rate: float | None) -> float:
+    return -1.0 if rate is None else rate
 
 
 def _progress(r: RunResult, k: int, n: int) -> None:
@@ -181,7 +232,7 @@ def _progress(r: RunResult, k: int, n: int) -> None:
         f"FAILED {r.error}" if r.error else f"test acc {r.test_acc:.3f}, effective {r.effective_fraction:.2f}"
     )
     print(
-        f"[{k}/{n}] {s.scenario}/{s.method}/seed {s.seed}: {what} ({r.wall_s:.0f}s)",
+        f"[{k}/{n}] {s.scenario}/{s.rate_label}/{s.method}/seed {s.seed}: {what} ({r.wall_s:.0f}s)",
         file=sys.stderr,
         flush=True,
     )

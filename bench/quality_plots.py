@@ -19,7 +19,7 @@ def plot_all(results: list[RunResult], out: Path, prefix: str = "quality") -> li
     by_scenario: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
         if r.error is None:
-            by_scenario[r.spec.scenario].append(r)
+            by_scenario[r.spec.plot_name].append(r)
     written = []
     for scenario, runs in by_scenario.items():
         written.append(_val_curves(scenario, runs, out / f"{prefix}-{scenario}-val-loss.png"))

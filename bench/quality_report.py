@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.quality_run import RunResult, RunSpec
+from bench.quality_run import PACED_PUBLISH_S, RunResult, RunSpec
+from bench.quality_stream import BATCH_SIZE, LEAD_STEPS, rate_label, stream_length
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -22,18 +23,27 @@ def steps_to_reach(curve: list[tuple[int, float]], level: float) -> float:
     return next((float(step) for step, loss in curve if loss <= level), math.inf)
 
 
-def convergence(results: list[RunResult]) -> dict[tuple[str, str, int], tuple[float, float]]:
+Key = tuple[str, str, str]  # (scenario, rate label, method)
+
+
+def convergence(results: list[RunResult]) -> dict[tuple[str, str, str, int], tuple[float, float]]:
     """(steps to reach the uniform run's best validation loss, that / the steps uniform took to reach it)
-    for every run with a uniform run of the same scenario and seed (not drift: its task changes)."""
-    uniform = {(r.spec.scenario, r.spec.seed): r for r in results if r.spec.method == "uniform" and r.curve}
+    for every run with a uniform run of the same scenario, rate and seed (not drift: its task changes);
+    keyed (scenario, rate label, method, seed)."""
+    uniform = {
+        (r.spec.scenario, r.spec.rate_label, r.spec.seed): r
+        for r in results
+        if r.spec.method == "uniform" and r.curve
+    }
     out = {}
     for r in results:
-        u = uniform.get((r.spec.scenario, r.spec.seed))
-        if u is None or r.spec.scenario == "drift" or not r.curve:
+        s = r.spec
+        u = uniform.get((s.scenario, s.rate_label, s.seed))
+        if u is None or s.scenario == "drift" or not r.curve:
             continue
         best = min(loss for _, loss in u.curve)
         steps = steps_to_reach(r.curve, best)
-        out[(r.spec.scenario, r.spec.method, r.spec.seed)] = (steps, steps / steps_to_reach(u.curve, best))
+        out[(s.scenario, s.rate_label, s.method, s.seed)] = (steps, steps / steps_to_reach(u.curve, best))
     return out
 
 
@@ -56,10 +66,11 @@ def fmt(m: float, s: float | None = None, digits: int = 3) -> str:
     return text if s is None or math.isnan(s) else f"{text} ± {s:.{digits}f}"
 
 
-def grouped(results: list[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
-    groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
+def grouped(results: list[RunResult]) -> dict[Key, list[RunResult]]:
+    """Runs by (scenario, rate label, method), in the order of ``results``."""
+    groups: dict[Key, list[RunResult]] = defaultdict(list)
     for r in results:
-        groups[(r.spec.scenario, r.spec.method)].append(r)
+        groups[(r.spec.scenario, r.spec.rate_label, r.spec.method)].append(r)
     return groups
 
 
@@ -70,18 +81,18 @@ def stat(runs: list[RunResult], get: Callable[[RunResult], float]) -> tuple[floa
 def render_table(results: list[RunResult]) -> str:
     conv = convergence(results)
     head = (
-        "| scenario | method | test acc | AUC sample | AUC content | effective fraction | "
+        "| scenario | rate | method | test acc | AUC sample | AUC content | effective fraction | "
         "steps to uniform's best (ratio) | Spearman | drift recovery (steps) | seeds |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
-    for (scn, method), runs in grouped(results).items():
+    for (scn, rate, method), runs in grouped(results).items():
         ok = [r for r in runs if r.error is None]
-        c = [conv.get((scn, method, r.spec.seed), (math.nan, math.nan)) for r in ok]
+        c = [conv.get((scn, rate, method, r.spec.seed), (math.nan, math.nan)) for r in ok]
         steps, ratio = mean_std([x[0] for x in c]), mean_std([x[1] for x in c])
         conv_text = "–" if math.isnan(steps[0]) else f"{fmt(steps[0], None, 0)} ({fmt(ratio[0], None, 2)})"
         lines.append(
-            f"| {scn} | {method} | {fmt(*stat(ok, lambda r: r.test_acc))} "
+            f"| {scn} | {rate} | {method} | {fmt(*stat(ok, lambda r: r.test_acc))} "
             f"| {fmt(*stat(ok, lambda r: r.auc_sample))} | {fmt(*stat(ok, lambda r: r.auc_content))} "
             f"| {fmt(*stat(ok, lambda r: r.effective_fraction), digits=2)} | {conv_text} "
             f"| {fmt(*stat(ok, lambda r: r.spearman), digits=2)} "
@@ -93,9 +104,10 @@ def render_table(results: list[RunResult]) -> str:
 
 # ---------------------------------------------------------------------------------------------- targets
 def targets(results: list[RunResult]) -> list[str]:
-    """One PASS/MISS line per target the issue sets, with the margin."""
-    g = grouped(results)
-    conv = convergence(results)
+    """One PASS/MISS line per target the issue sets, with the margin: the up-front targets on the runs at
+    rate "all", then the stream-rate and flood targets (``rate_targets``)."""
+    g = {(s, m): runs for (s, rate, m), runs in grouped(results).items() if rate == "all"}
+    conv = {(s, m, seed): v for (s, rate, m, seed), v in convergence(results).items() if rate == "all"}
     out = []
 
     def acc(scn: str, method: str) -> float:
@@ -141,7 +153,111 @@ def targets(results: list[RunResult]) -> list[str]:
         line(worst <= 200, f"drift: bilevel's new-task validation loss recovers within {fmt(worst, None, 0)} "
              f"steps (worst seed; mean {fmt(mean_std(rec)[0], None, 0)}) <= 200"
              + (f"; margin {200 - worst:+.0f}" if math.isfinite(worst) else ""))  # fmt: skip
+    return out + rate_targets(results)
+
+
+RATE_TARGET = 0.95  # of the oracle streamed the same way (issue 12)
+FLOOD_TARGET = 2.0  # the flood's share of training <= this x its share of distinct items
+
+
+def is_flood_sweep(scenario: str) -> bool:
+    return scenario.startswith(("redundancy", "digits-flood"))
+
+
+def rate_targets(results: list[RunResult]) -> list[str]:
+    """Issue 12's targets: at each stream rate, bilevel >= 95% of the oracle streamed the same way and
+    the unscored backlog under its bound; on redundancy and the flood sweep (every rate), bilevel >= 95% of
+    the oracle and the flood's share of training <= 2x its share of distinct items."""
+    g = grouped(results)
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"{'PASS' if ok else 'MISS'}  {text}")
+
+    for (scn, rate, method), runs in g.items():
+        if method != "bilevel" or (rate == "all" and not is_flood_sweep(scn)):
+            continue
+        b = stat(runs, lambda r: r.test_acc)[0]
+        o = stat(g.get((scn, rate, "oracle"), []), lambda r: r.test_acc)[0]
+        if math.isfinite(o):
+            line(b >= RATE_TARGET * o, f"{scn} at rate {rate}: bilevel test acc {b:.3f} >= 95% of the oracle "
+                 f"{o:.3f} (= {RATE_TARGET * o:.3f}); margin {b - RATE_TARGET * o:+.3f}")  # fmt: skip
+        if rate != "all":
+            worst = max((r.backlog_max for r in runs if math.isfinite(r.backlog_max)), default=math.nan)
+            bound = min((r.backlog_bound for r in runs if r.error is None), default=math.nan)
+            if math.isnan(worst):
+                line(False, f"{scn} at rate {rate}: unscored backlog not published by the trainer "
+                     "(no trainer.unscored in /v1/stats)")  # fmt: skip
+            elif math.isnan(bound):
+                line(False, f"{scn} at rate {rate}: unscored backlog reached {worst:,.0f}; the trainer "
+                     "has no bound (no DATADIET_MAX_UNSCORED)")  # fmt: skip
+            else:
+                line(worst <= bound, f"{scn} at rate {rate}: bilevel's unscored backlog peaked at "
+                     f"{worst:,.0f} <= its bound {bound:,.0f} (worst seed); "
+                     f"margin {bound - worst:+,.0f}")  # fmt: skip
+        if is_flood_sweep(scn):
+            share = stat(runs, lambda r: r.flood_share)[0]
+            distinct = stat(runs, lambda r: r.flood_distinct_share)[0]
+            if math.isfinite(share) and math.isfinite(distinct):
+                bar = FLOOD_TARGET * distinct
+                line(share <= bar, f"{scn} at rate {rate}: the flood's share of training {share:.3f} <= "
+                     f"2 x its share of distinct items {distinct:.4f} (= {bar:.4f}); "
+                     f"margin {bar - share:+.3f}")  # fmt: skip
     return out
+
+
+def stream_table(results: list[RunResult]) -> str:
+    """Per (scenario, rate, method): test acc, its share of the oracle's at the same rate, the unscored
+    backlog, and for paced runs how the stream kept up."""
+    g = grouped(results)
+    lines = [
+        "| scenario | rate | method | test acc | of oracle | unscored backlog max | samples posted "
+        "| min lead (steps) | status gap (steps) | trainer stops (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (scn, rate, method), runs in g.items():
+        ok = [r for r in runs if r.error is None]
+        if not ok:
+            continue
+        acc = stat(ok, lambda r: r.test_acc)[0]
+        o = stat(g.get((scn, rate, "oracle"), []), lambda r: r.test_acc)[0]
+        of = f"{acc / o:.0%}" if math.isfinite(o) and o > 0 and method != "oracle" else "–"
+        backlog = max((r.backlog_max for r in ok if math.isfinite(r.backlog_max)), default=math.nan)
+        paced = rate != "all" and method != "val-only"
+        lead = fmt(min(r.min_lead for r in ok), None, 0) if paced else "–"
+        gap = str(max(r.status_gap for r in ok)) if paced else "–"
+        stops = f"{sum(r.pauses for r in ok)} ({sum(r.paused_s for r in ok):.0f})" if paced else "–"
+        exhausted = [r.exhausted_at for r in ok if r.exhausted_at is not None]
+        posted = f"{np.mean([r.n_posted for r in ok]):,.0f}" + (
+            f" (ran out at step {min(exhausted)})" if exhausted else ""
+        )
+        lines.append(
+            f"| {scn} | {rate} | {method} | {fmt(acc)} | {of} | {fmt(backlog, None, 0)} | {posted} "
+            f"| {lead} | {gap} | {stops} |"
+        )
+    return "\n".join(lines)
+
+
+def flood_table(results: list[RunResult]) -> str:
+    """Per (scenario, rate, method) with a flood: its share of training, of the samples, of the distinct
+    items, and the content groups the service sees per flood item."""
+    lines = [
+        "| scenario | rate | method | flood share of training | of samples | of distinct items "
+        "| training / distinct | content groups per flood item |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (scn, rate, method), runs in grouped(results).items():
+        ok = [r for r in runs if r.error is None and math.isfinite(r.flood_distinct_share)]
+        if not ok or method == "oracle":
+            continue
+        share = stat(ok, lambda r: r.flood_share)
+        distinct = stat(ok, lambda r: r.flood_distinct_share)[0]
+        lines.append(
+            f"| {scn} | {rate} | {method} | {fmt(*share)} | {fmt(*stat(ok, lambda r: r.flood_sample_share))} "
+            f"| {fmt(distinct, None, 4)} | {fmt(share[0] / distinct, None, 1)} "
+            f"| {fmt(*stat(ok, lambda r: r.flood_groups_per_item), digits=1)} |"
+        )
+    return "\n".join(lines)
 
 
 def drift_table(results: list[RunResult]) -> str:
@@ -152,7 +268,7 @@ def drift_table(results: list[RunResult]) -> str:
         "| recovery per seed |",
         "|---|---:|---:|---:|---|",
     ]
-    for (scn, method), runs in grouped(results).items():
+    for (scn, _, method), runs in grouped(results).items():
         ok = [r for r in runs if r.error is None and r.curve_v2]
         if scn != "drift" or not ok:
             continue
@@ -178,7 +294,7 @@ def write_report(meta: dict[str, Any], results: list[RunResult], out: Path, name
         print(f"plots skipped: {e} (pip install -e '.[bench]')", file=sys.stderr)
     else:
         plot_all(results, out, name)
-    scenarios = dict.fromkeys(r.spec.scenario for r in results)
+    scenarios = dict.fromkeys(r.spec.plot_name for r in results)
     kinds = ("val-loss", "weights", "sources")
     plots = [p for s in scenarios for k in kinds if (p := out / f"{name}-{s}-{k}.png").exists()]
     failures = [
@@ -202,7 +318,7 @@ every method through the same trainer process, model and step budget.
 load average {meta["load_start"]:.1f} at the start and {meta["load_end"]:.1f} at the end (other work shared
 the machine). Code: {meta["commit"]}; the processes ran a snapshot of app/, store/ and trainer/ taken at the
 start (trainer/ hash {meta["code"]}). {meta["date"]}. `{meta["command"]}`.
-{_drift_section(results, drift)}
+{_drift_section(results, drift)}{_stream_section(results)}{_flood_section(results)}
 ## Definitions
 
 - **test acc**: exact match (text) or accuracy (digits) of the final checkpoint, pulled over HTTP, on the
@@ -240,6 +356,29 @@ start (trainer/ hash {meta["code"]}). {meta["date"]}. `{meta["command"]}`.
   until the new task's validation loss is at most 1.1 x the old task's validation loss at that
   checkpoint: back to the level the model held on the task before it changed. A method that had learnt
   little before the switch has a higher level to get back to (see the drift table).
+- **rate**: `all` posts the whole stream before the trainer starts. Rate R streams it as the trainer
+  goes: R x {BATCH_SIZE} (the batch) new samples per training step, paced by the trainer's step in
+  `/v1/stats` (published every {PACED_PUBLISH_S} s in paced runs, less often as the trainer's table grows:
+  it spends at most ~10% of its time publishing), never by the clock. The first {LEAD_STEPS} steps' worth
+  is posted before the trainer starts, and the stream is kept {LEAD_STEPS} steps' worth ahead, or twice the
+  largest step jump between two status reads (**status gap**) where that is more: the stream then arrives
+  in chunks of up to that many steps' worth. Where posting falls behind, the benchmark stops the trainer
+  (SIGSTOP) until the lead is back (**trainer stops**: how often, and for how long in all). **min lead**:
+  the fewest steps' worth of stream ahead of the trainer's published step (negative: the trainer ran past
+  what had arrived, by up to that plus the status gap, and trained on older samples meanwhile). Each
+  method streams its own stream at the same rate, generated
+  long enough for the budget (R x {BATCH_SIZE} x (steps + {LEAD_STEPS}) samples): the oracle's clean-only
+  stream, random's subsample; `val-only` posts its 100 samples up front at every rate; drift runs only
+  at `all`. Stream lengths per rate: {_lengths(budget, meta.get("rates", ["all"]))}.
+- **unscored backlog**: the trainer's queue of samples not yet scored (`trainer.unscored` in
+  `/v1/stats`, read every poll while the run goes; `–` where the trainer does not publish it). Its bound
+  is the trainer's `DATADIET_MAX_UNSCORED` default.
+- **flood share of training**: the flood source's final source weight (`/v1/weights` `sources`: its
+  share of the live samples' weight mass, which the trainer draws by). **of samples**: its share of the
+  samples posted. **of distinct items**: its problems' share of the distinct items posted, each flood
+  problem counted once however its copies vary, every other sample by its content group. **content
+  groups per flood item**: how many groups the service's copy test (`content_group`) splits each flood
+  problem into: 1 where it sees every copy as one item.
 
 ## Plots
 
@@ -263,6 +402,43 @@ the old task's at the switch (the level recovery is measured against); mean ± s
 """
 
 
+def _stream_section(results: list[RunResult]) -> str:
+    if all(r.spec.rate is None and math.isnan(r.backlog_max) for r in results):
+        return ""
+    return f"""
+## Stream rates and the unscored backlog
+
+Mean test accuracy over seeds, its share of the oracle's at the same rate, the largest unscored backlog of
+any seed, and how the paced stream kept up with the trainer (see the definitions).
+
+{stream_table(results)}
+"""
+
+
+def _flood_section(results: list[RunResult]) -> str:
+    if not any(math.isfinite(r.flood_distinct_share) for r in results):
+        return ""
+    return f"""
+## Floods
+
+The flood's share of training against its share of the samples and of the distinct items (issue 12's
+target: share of training <= 2 x share of distinct items); mean ± std over seeds.
+
+{flood_table(results)}
+"""
+
+
+def _lengths(budget: dict[str, list[int]], rates: list[Any]) -> str:
+    paced = [r for r in rates if r != "all"]
+    if not paced:
+        return "none (every run at `all`)"
+    return "; ".join(
+        f"{s} " + ", ".join(f"{rate_label(r)} {stream_length(b[0], r):,}" for r in paced)
+        for s, b in budget.items()
+        if s != "drift"
+    )
+
+
 def load_results(path: Path) -> tuple[dict[str, Any], list[RunResult]]:
     """(meta, runs) from a ``quality.json``; per-sample weights are not saved, so no histograms."""
     doc = json.loads(path.read_text())
@@ -276,13 +452,16 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[RunResult]]:
         r = RunResult(spec, **{k: _number(v) if k in FLOAT_FIELDS else v for k, v in values.items()})
         r.curve = [tuple(x) for x in r.curve]  # type: ignore[misc]
         r.curve_v2 = [tuple(x) for x in r.curve_v2]  # type: ignore[misc]
+        r.backlog = [tuple(x) for x in r.backlog]  # type: ignore[misc]
+        r.arrivals = [tuple(x) for x in r.arrivals]  # type: ignore[misc]
         results.append(r)
     return doc["meta"], results
 
 
 FLOAT_FIELDS = {
     "test_acc", "effective_fraction", "auc_sample", "auc_content", "auc_unique", "spearman",
-    "pre_switch_loss", "recovery_steps", "wall_s",
+    "pre_switch_loss", "recovery_steps", "wall_s", "flood_share", "flood_sample_share",
+    "flood_distinct_share", "flood_groups_per_item", "backlog_max", "backlog_bound", "min_lead", "paused_s",
 }  # fmt: skip
 
 

@@ -5,8 +5,10 @@ A run starts its own redis-server, the API (uvicorn, one worker) and the trainer
 on a SQLite database in a scratch directory; posts the validation set and the method's training stream
 with the client; polls ``/v1/weights`` while the trainer runs to ``DATADIET_MAX_STEPS``; then reads the
 checkpoints' metrics, pulls the final checkpoint for the held-out test set and fetches every posted
-sample's weight. Drift runs PUT ``validation_v2`` and post the rest of the stream once the trainer has
-passed ``switch_step``.
+sample's weight (a random 50,000 of them on longer streams). Drift runs PUT ``validation_v2`` and post the
+rest of the stream once the trainer has passed ``switch_step``. A run with a stream ``rate`` posts its
+stream as the trainer goes (bench/quality_stream.py) instead of all of it up front. Every run records the
+trainer's unscored backlog (``trainer.unscored`` in ``GET /v1/stats``, where the trainer publishes it).
 
 Methods that are not weighting rules are realised by what is posted, trained uniformly:
 ``random`` (a random subset of the stream, as large as bilevel's effective fraction of it), ``val-only``
@@ -32,7 +34,7 @@ import numpy as np
 
 from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
-from app.schema import content_group
+from bench.quality_stream import BATCH_SIZE, Pacer, Posted, rate_label, training_stream
 from datadiet import Client
 from store.processes import datadiet_env, spawn, start_api_process, start_redis_server, stop_process_group
 from trainer import load_checkpoint
@@ -41,6 +43,8 @@ TRAINER_METHOD = {"random": "uniform", "val-only": "uniform", "oracle": "uniform
 # Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
 EXTRA_SETTINGS = {"l2rw": {"val_grad_every": "1", "val_grad_beta": "0"}}
 POLL_S = 0.5
+PACED_PUBLISH_S = "0.25"  # paced runs: the trainer publishes its step this often (default 2 s), for the pacer
+MAX_WEIGHED = 50_000  # posted samples whose final weight is fetched (a seeded random subset beyond)
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 1800.0
 
@@ -55,6 +59,16 @@ class RunSpec:
     n_stream: int
     switch_step: int | None = None  # drift: the trainer step after which validation_v2 is PUT
     keep_fraction: float | None = None  # random: the share of the stream posted
+    rate: float | None = None  # new samples per step / batch size (quality_stream.py); None: all up front
+
+    @property
+    def rate_label(self) -> str:
+        return rate_label(self.rate)
+
+    @property
+    def plot_name(self) -> str:
+        """The scenario, with the rate where it is not ``all`` (``noisy-4x``): plots are drawn per name."""
+        return self.scenario if self.rate is None else f"{self.scenario}-{self.rate_label}"
 
 
 @dataclass
@@ -74,6 +88,19 @@ class RunResult:
     curve_v2: list[tuple[int, float]] = field(default_factory=list)  # drift: new task's validation loss
     recovery_steps: float = math.nan  # drift: see recovery()
     n_posted: int = 0
+    flood_share: float = math.nan  # the flood source's final share of the weight mass (its source weight)
+    flood_sample_share: float = math.nan  # the flood's share of the samples posted
+    flood_distinct_share: float = math.nan  # the flood's items' share of the distinct items posted
+    flood_groups_per_item: float = math.nan  # content groups the service sees per flood item
+    backlog: list[tuple[int, int]] = field(default_factory=list)  # (step, trainer.unscored) as published
+    backlog_max: float = math.nan  # nan where the trainer does not publish it
+    backlog_bound: float = math.nan  # the trainer's DATADIET_MAX_UNSCORED default, where it has one
+    arrivals: list[tuple[int, int]] = field(default_factory=list)  # paced: (step, samples posted)
+    min_lead: float = math.nan  # paced: fewest steps' worth of stream ahead of the trainer (< 0: behind)
+    status_gap: int = 0  # paced: the largest step jump between two reads of the trainer's status
+    pauses: int = 0  # paced: times the trainer was stopped to wait for the stream
+    paused_s: float = 0.0
+    exhausted_at: int | None = None  # paced: the step at which the stream ran out, if before the end
     wall_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds from the run's start to each phase
     error: str | None = None
@@ -84,29 +111,6 @@ class RunResult:
         skip = {"weights", "positive", "spec"}
         out = {k: v for k, v in self.__dict__.items() if k not in skip}
         return {**self.spec.__dict__, **out}
-
-
-def training_stream(scn: Scenario, spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(samples posted at the start, samples posted at the drift switch) for the run's method."""
-    if spec.method == "val-only":
-        first = [_as_training(s) for s in scn.validation]
-        return first, [_as_training(s) for s in scn.validation_v2]
-    stream = list(scn.stream(spec.n_stream, spec.seed))
-    if spec.method == "oracle":
-        stream = [s for s in stream if not s["meta"]["corrupted"] and s["meta"]["kind"] != "flood"]
-    elif spec.method == "random":
-        assert spec.keep_fraction is not None
-        rng = np.random.default_rng([spec.seed, 7])
-        k = max(1, round(spec.keep_fraction * len(stream)))
-        stream = [stream[i] for i in np.sort(rng.choice(len(stream), size=k, replace=False))]
-    if scn.switch_at is None:
-        return stream, []
-    cut = sum(1 for s in stream if s["meta"]["task"] == scn.task.name)  # the stream switches task once
-    return stream[:cut], stream[cut:]
-
-
-def _as_training(sample: dict[str, Any]) -> dict[str, Any]:
-    return {**sample, "id": f"train:{sample['id']}"}
 
 
 def snapshot_code(dest: Path) -> str:
@@ -121,10 +125,11 @@ def snapshot_code(dest: Path) -> str:
 
 
 def run(spec: RunSpec, workdir: Path, code: Path | None = None) -> RunResult:
-    """Run ``spec`` in ``workdir/<scenario>-<method>-<seed>`` (removed afterwards), its API and trainer
-    importing the packages under ``code`` (a snapshot_code copy; None: this checkout); never raises."""
+    """Run ``spec`` in ``workdir/<scenario>-<rate>-<method>-<seed>`` (removed afterwards), its API and
+    trainer importing the packages under ``code`` (a snapshot_code copy; None: this checkout); never
+    raises."""
     result = RunResult(spec)
-    run_dir = workdir / f"{spec.scenario}-{spec.method}-{spec.seed}"
+    run_dir = workdir / f"{spec.scenario}-{spec.rate_label}-{spec.method}-{spec.seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     t0 = time.monotonic()
@@ -159,6 +164,7 @@ def _run(
     result: RunResult,
 ) -> None:
     scn = build_scenario(spec.scenario, spec.seed)
+    paced = spec.rate is not None and spec.method != "val-only"
     env = datadiet_env(
         redis_url=redis_url,
         data_dir=str(run_dir / "data"),
@@ -170,6 +176,8 @@ def _run(
         checkpoint_every=str(spec.checkpoint_every),
         seed=str(spec.seed),
         torch_threads="1",
+        batch_size=str(BATCH_SIZE),
+        **({"publish_every_s": PACED_PUBLISH_S} if paced else {}),
         **EXTRA_SETTINGS.get(spec.method, {}),
     )
     if code is not None:  # the snapshot comes before the editable install's finder on the import path
@@ -178,18 +186,68 @@ def _run(
     api, url = start_api_process(env, log=run_dir / "api.log", cwd=run_dir, timeout=120)
     procs.append(api)
     result.phases["api_ready"] = time.monotonic() - t0
-    first, rest = training_stream(scn, spec)
+    stream = training_stream(scn, spec.method, spec.seed, spec.n_stream, spec.keep_fraction, paced)
+    posted = Posted()
     with Client(url, timeout=60) as client:
         client.set_validation(scn.validation)
         trainer = spawn([sys.executable, "-m", "trainer"], log=run_dir / "trainer.log", env=env, cwd=run_dir)
         procs.append(trainer)
-        client.post_samples(first, batch_size=2000)  # while the trainer imports torch
+        pacer: Pacer | None = None
+        rest: list[dict[str, Any]] = []
+        if isinstance(stream, tuple):
+            first, rest = stream
+            client.post_samples(first, batch_size=2000)  # while the trainer imports torch
+            posted.add(first, scn)
+        else:
+            assert spec.rate is not None
+            pacer = Pacer(client, stream, spec.rate * BATCH_SIZE, spec.n_stream, trainer, scn, posted)
+            pacer.fill()  # while the trainer imports torch
         result.phases["posted"] = time.monotonic() - t0
-        switched = not rest
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while trainer.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the trainer did not finish {spec.steps} steps in {RUN_TIMEOUT_S:.0f}s")
+        try:
+            _follow(client, trainer, scn, spec, pacer, rest, posted, result)
+        finally:
+            if pacer is not None:
+                pacer.resume()  # never leave the trainer stopped
+        if trainer.returncode != 0:
+            raise RuntimeError(f"the trainer exited with {trainer.returncode}")
+        result.phases["trained"] = time.monotonic() - t0
+        _measure(client, scn, spec, posted, run_dir, result)
+        result.phases["measured"] = time.monotonic() - t0
+
+
+def _follow(
+    client: Client,
+    trainer: subprocess.Popen[bytes],
+    scn: Scenario,
+    spec: RunSpec,
+    pacer: Pacer | None,
+    rest: list[dict[str, Any]],
+    posted: Posted,
+    result: RunResult,
+) -> None:
+    """Until the trainer exits: its step and unscored backlog (``/v1/stats``), the source weights
+    (``/v1/weights``, every POLL_S), the paced stream, the drift switch."""
+    switched = not rest
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    next_weights = 0.0
+    last_step = -1
+    while trainer.poll() is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the trainer did not finish {spec.steps} steps in {RUN_TIMEOUT_S:.0f}s")
+        t = client.stats()["trainer"]
+        step = int(t.get("step") or 0)
+        if step != last_step:
+            last_step = step
+            if isinstance(t.get("unscored"), int):  # published by trainers that bound their backlog
+                result.backlog.append((step, t["unscored"]))
+            if pacer is not None:
+                result.arrivals.append((step, len(posted)))
+                short = len(posted) < pacer.per_step * spec.steps  # ran out before the budget's worth
+                if pacer.exhausted and short and result.exhausted_at is None:
+                    result.exhausted_at = step
+        busy = pacer.keep_up(step) if pacer is not None else False
+        if time.monotonic() >= next_weights:
+            next_weights = time.monotonic() + POLL_S
             doc = client.weights()
             if doc.get("updated_at") and doc["sources"]:
                 if not result.source_history or result.source_history[-1][0] != doc["step"]:
@@ -197,22 +255,22 @@ def _run(
                 if not switched and spec.switch_step is not None and doc["step"] >= spec.switch_step:
                     client.set_validation(scn.validation_v2)  # the task changes ...
                     client.post_samples(rest, batch_size=2000)  # ... and so does the stream
+                    posted.add(rest, scn)
                     switched = True
-            time.sleep(POLL_S)
-        if trainer.returncode != 0:
-            raise RuntimeError(f"the trainer exited with {trainer.returncode}")
-        if not switched:
-            raise RuntimeError("the trainer finished before the drift switch")
-        result.phases["trained"] = time.monotonic() - t0
-        _measure(client, scn, spec, first + rest, run_dir, result)
-        result.phases["measured"] = time.monotonic() - t0
+        if not busy:
+            time.sleep(0.05 if pacer is not None else POLL_S)
+    if pacer is not None:
+        result.min_lead, result.pauses, result.paused_s = pacer.min_lead, pacer.pauses, pacer.paused_s
+        result.status_gap = pacer.status_gap
+    if trainer.returncode == 0 and not switched:
+        raise RuntimeError("the trainer finished before the drift switch")
 
 
 def _measure(
     client: Client,
     scn: Scenario,
     spec: RunSpec,
-    posted: list[dict[str, Any]],
+    posted: Posted,
     run_dir: Path,
     result: RunResult,
 ) -> None:
@@ -231,23 +289,58 @@ def _measure(
     result.effective_fraction = float(doc["summary"]["effective_fraction"])
     result.sources = dict(doc["sources"])
     result.n_posted = len(posted)
-    got = client.sample_weights([s["id"] for s in posted])
-    kept = [s for s in posted if s["id"] in got]
-    w = np.array([got[s["id"]] for s in kept], dtype=np.float64)
-    if scn.switch_at is not None:  # drift: a good weighting follows the new task
-        positive = np.array([s["meta"]["task"] == scn.task_v2.name for s in kept])  # type: ignore[union-attr]
-    else:
-        positive = np.array([not s["meta"]["corrupted"] for s in kept])
+    _flood(scn, posted, result)
+    if result.backlog:
+        result.backlog_max = max(n for _, n in result.backlog)
+    result.backlog_bound = _unscored_bound()
+    idx = np.arange(len(posted))
+    if len(idx) > MAX_WEIGHED:  # a uniform subset estimates the same AUCs and rank correlation
+        idx = np.sort(np.random.default_rng([spec.seed, 11]).choice(len(idx), MAX_WEIGHED, replace=False))
+    got = client.sample_weights([posted.ids[i] for i in idx])
+    idx = np.array([i for i in idx if posted.ids[i] in got], dtype=np.int64)
+    w = np.array([got[posted.ids[i]] for i in idx], dtype=np.float64)
+    positive = np.array(posted.positive, dtype=bool)[idx]
+    groups = [posted.groups[i] for i in idx]
+    sources = [posted.sources[i] for i in idx]
     result.weights, result.positive = w, positive
     if np.ptp(w) > 1e-6:  # else the rule keeps no per-sample weights: nothing to rank
         result.auc_sample = roc_auc(positive, w)
-        result.auc_content = content_auc(kept, w, positive)
-        unique = np.array([s["meta"]["kind"] != "flood" for s in kept])
+        result.auc_content = content_auc(groups, w, positive)
+        unique = ~np.array(posted.flood, dtype=bool)[idx]
         if not unique.all():
             result.auc_unique = roc_auc(positive[unique], w[unique])
-        result.spearman = source_spearman(kept, w, scn.true_quality)
+        result.spearman = source_spearman(sources, groups, w, scn.true_quality)
     if scn.switch_at is not None:
         _drift(client, scn, checkpoints, run_dir, result)
+
+
+def _flood(scn: Scenario, posted: Posted, result: RunResult) -> None:
+    """The flood's share of training (its final source weight: its share of the weight mass the trainer
+    draws by), of the samples posted, and of the distinct items posted: each flood problem counts once,
+    however its copies vary (a flood of ``pool`` problems in bursts of ``copies`` has posted
+    min(pool, ceil(n / copies)) of them), every other distinct content group once."""
+    floods = [s for s, _ in scn.sources if s.kind == "flood"]
+    flood = np.array(posted.flood, dtype=bool)
+    if not floods or not flood.any():
+        return
+    names = {s.name for s in floods}
+    n_flood = int(flood.sum())
+    items = sum(min(s.pool, math.ceil(n_flood / len(floods) / s.copies)) for s in floods)
+    others = {g for g, f in zip(posted.groups, posted.flood, strict=True) if not f}
+    copies = {g for g, f in zip(posted.groups, posted.flood, strict=True) if f}
+    result.flood_share = sum(result.sources.get(n, 0.0) for n in names)
+    result.flood_sample_share = n_flood / len(posted)
+    result.flood_distinct_share = items / (items + len(others))
+    result.flood_groups_per_item = len(copies) / items
+
+
+def _unscored_bound() -> float:
+    """The trainer's bound on its unscored queue (``DATADIET_MAX_UNSCORED``'s default), nan where the
+    trainer has none."""
+    from trainer.settings import TrainerSettings
+
+    f = TrainerSettings.model_fields.get("max_unscored")
+    return float(f.default) if f is not None and isinstance(f.default, int) else math.nan
 
 
 def _drift(
@@ -293,29 +386,27 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(positive, scores))
 
 
-def content_auc(samples: list[dict[str, Any]], w: np.ndarray, positive: np.ndarray) -> float:
+def content_auc(groups: list[str], w: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC over distinct content: copies (the service's content group: same input up to case and
     whitespace, or vectors with the same SimHash, and the same target) count once, with the sum of
     their weights, which is the share of training the content gets."""
-    groups: dict[str, int] = {}
-    for s in samples:
-        groups.setdefault(content_group(s["input"], s["target"]), len(groups))
-    idx = np.array([groups[content_group(s["input"], s["target"])] for s in samples])
-    mass = np.bincount(idx, weights=w, minlength=len(groups))
-    label = np.zeros(len(groups), dtype=bool)
+    index: dict[str, int] = {}
+    idx = np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
+    mass = np.bincount(idx, weights=w, minlength=len(index))
+    label = np.zeros(len(index), dtype=bool)
     label[idx] = positive  # copies share the label: the target is part of the content
     return roc_auc(label, mass)
 
 
-def source_spearman(samples: list[dict[str, Any]], w: np.ndarray, quality: dict[str, float]) -> float:
+def source_spearman(sources: list[str], groups: list[str], w: np.ndarray, quality: dict[str, float]) -> float:
     """Spearman's rho between each source's weight per distinct content item (its weight mass over its
     number of content groups: a flood of copies is one item per problem) and its true quality; nan when
     either is constant."""
     mass: dict[str, float] = defaultdict(float)
     items: dict[str, set[str]] = defaultdict(set)
-    for s, wi in zip(samples, w, strict=True):
-        mass[s["source"]] += float(wi)
-        items[s["source"]].add(content_group(s["input"], s["target"]))
+    for src, g, wi in zip(sources, groups, w, strict=True):
+        mass[src] += float(wi)
+        items[src].add(g)
     names = [n for n in quality if n in mass]
     per_item = [mass[n] / len(items[n]) for n in names]
     q = [quality[n] for n in names]

@@ -11,6 +11,12 @@ Each builder returns a :class:`Scenario`; ``build_scenario(name, seed)`` picks o
 | ``drift`` | agent-a 60%, agent-b 40%; ``ADD`` then ``ADD_REVERSED`` from ``switch_at`` on | a task change |
 | ``digits`` | clean 20%, noisy-60 30%, offtask 30% (digit + 1), flood 20% (``mlp`` kind) | all, on images |
 | ``demo`` | agent-good, agent-sloppy, agent-spammy, agent-offtask | ``datadiet demo`` |
+| ``redundancy@L`` | ``redundancy``, the flood's copies varied at level L (``vary_text``) | near-copies |
+| ``digits-flood@L`` | ``redundancy``'s mix on digits, pixel noise of std L on every copy | near-copies |
+
+The ``@L`` scenarios are the flood-noise sweep (``FLOOD_SWEEP``): L = 0 posts exact copies, and the
+largest level makes copies about as far apart as distinct items (digits) or almost every copy a distinct
+string (text). Their sample ids write ``@`` as ``-at-`` (ids allow no ``@``).
 
 Problems are split once per scenario seed into 100 validation, 500 test and a pool for the stream, with
 no overlap. Validation and test samples are clean. Every sample's ``meta`` carries the ground truth
@@ -19,6 +25,7 @@ no overlap. Validation and test samples are clean. Every sample's ``meta`` carri
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -124,7 +131,7 @@ class _Feed:
 
     def __init__(self, scenario: Scenario, source: Source, seed: int, rng: np.random.Generator) -> None:
         self.scenario, self.source, self.rng, self.k = scenario, source, rng, 0
-        self.prefix = f"{scenario.name}:{source.name}:{seed}"
+        self.prefix = f"{_id_name(scenario.name)}:{source.name}:{seed}"
         self.flood_pool = rng.choice(scenario.pool, size=source.pool, replace=False) if source.pool else None
 
     def next(self, task: Task) -> dict[str, Any]:
@@ -135,7 +142,7 @@ class _Feed:
             out = make_sample(
                 sample_id,
                 src.name,
-                task.near_duplicate(problem, rng),
+                task.near_duplicate(problem, rng, src.copy_noise),
                 task.target_of(problem),
                 "flood",
                 False,
@@ -165,11 +172,16 @@ def _split(n_problems: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return perm[:N_VALIDATION], perm[N_VALIDATION : N_VALIDATION + N_TEST], perm[N_VALIDATION + N_TEST :]
 
 
+def _id_name(scenario: str) -> str:
+    """The scenario's name as sample ids write it (ids allow letters, digits and ``._:-``)."""
+    return scenario.replace("@", "-at-")
+
+
 def _held_out(scenario: str, part: str, seed: int, task: Task, problems: np.ndarray) -> list[dict[str, Any]]:
     """Clean samples of ``problems`` with ids ``<scenario>:<part>:<seed>:<i>``."""
     return [
         make_sample(
-            f"{scenario}:{part}:{seed}:{i}",
+            f"{_id_name(scenario)}:{part}:{seed}:{i}",
             part,
             task.input_of(int(p)),
             task.target_of(int(p)),
@@ -238,17 +250,22 @@ def noisy_carry_scenario(seed: int = 0) -> Scenario:
     return _text_scenario("noisy-carry", seed, NOISY_SOURCES)
 
 
-def redundancy_scenario(seed: int = 0) -> Scenario:
-    """Two clean sources, and a third re-posting 20 problems at ten times each one's volume."""
+def redundancy_scenario(seed: int = 0, copy_noise: float | None = None) -> Scenario:
+    """Two clean sources, and a third re-posting 20 problems at ten times each one's volume; ``copy_noise``
+    (``redundancy@L``): its copies varied at that level (``vary_text``), else the default copies."""
     return _text_scenario(
-        "redundancy",
+        "redundancy" if copy_noise is None else f"redundancy@{copy_noise:g}",
         seed,
-        [
-            (Source.clean("clean-a"), 1 / 12),
-            (Source.clean("clean-b"), 1 / 12),
-            (Source.flood("flood", pool=20, copies=50), 10 / 12),
-        ],
+        _flood_sources(copy_noise),
     )
+
+
+def _flood_sources(copy_noise: float | None) -> list[tuple[Source, float]]:
+    return [
+        (Source.clean("clean-a"), 1 / 12),
+        (Source.clean("clean-b"), 1 / 12),
+        (Source.flood("flood", pool=20, copies=50, copy_noise=copy_noise), 10 / 12),
+    ]
 
 
 def misaligned_scenario(seed: int = 0) -> Scenario:
@@ -297,6 +314,25 @@ def demo_scenario(seed: int = 0) -> Scenario:
     )
 
 
+def digits_flood_scenario(seed: int = 0, copy_noise: float = 0.0) -> Scenario:
+    """``redundancy``'s mix on the digits images (``mlp`` kind): two clean sources and a flood of 20
+    images at ten times each one's volume, every copy with pixel noise of std ``copy_noise``."""
+    task, _ = load_digits_tasks()
+    val, test, pool = _split(task.n_problems, seed)
+    name = f"digits-flood@{copy_noise:g}"
+    return Scenario(
+        name=name,
+        model="mlp",
+        model_config=dict(MLP_DIGITS),
+        sources=_flood_sources(copy_noise),
+        validation=_held_out(name, "validation", seed, task, val),
+        test=_held_out(name, "test", seed, task, test),
+        task=task,
+        pool=pool,
+        seed=seed,
+    )
+
+
 def digits_scenario(seed: int = 0) -> Scenario:
     """scikit-learn's digits for the ``mlp`` kind: 1,197 stream images, 100 validation, 500 test.
 
@@ -335,6 +371,19 @@ SCENARIOS: dict[str, Callable[[int], Scenario]] = {
     "digits": digits_scenario,
     "demo": demo_scenario,
 }
+# the flood-noise sweep (issue 12): text copies varied by case, spacing, punctuation and operand order with
+# probability L each; digits copies with pixel noise of std L (~0.07 is as far as two distinct images)
+FLOOD_SWEEP = {
+    "redundancy": (0.0, 0.1, 0.25, 0.5),
+    "digits-flood": (0.0, 0.002, 0.01, 0.03, 0.1),
+}
+_BUILDERS: dict[str, Callable[..., Scenario]] = {
+    "redundancy": redundancy_scenario,
+    "digits-flood": digits_flood_scenario,
+}
+for _base, _levels in FLOOD_SWEEP.items():
+    for _level in _levels:
+        SCENARIOS[f"{_base}@{_level:g}"] = functools.partial(_BUILDERS[_base], copy_noise=_level)
 
 
 def build_scenario(name: str, seed: int = 0) -> Scenario:

@@ -72,8 +72,9 @@ class Task(Protocol):
         """A plausible target that is not the correct one."""
         ...
 
-    def near_duplicate(self, problem: int, rng: np.random.Generator) -> Input:
-        """``input_of(problem)`` or a trivially different copy of it (same meaning, same target)."""
+    def near_duplicate(self, problem: int, rng: np.random.Generator, level: float | None = None) -> Input:
+        """``input_of(problem)`` or a copy of it with the same meaning and target: ``None``, the task's
+        default copies; a level, copies that differ more as it grows (0: exact copies)."""
         ...
 
 
@@ -126,13 +127,42 @@ class ArithmeticTask:
         ]
         return self.render(right + int(rng.choice(deltas)))
 
-    def near_duplicate(self, problem: int, rng: np.random.Generator) -> str:
-        """Half the copies verbatim, the rest with a space or tab before or after (same problem)."""
+    def near_duplicate(self, problem: int, rng: np.random.Generator, level: float | None = None) -> str:
+        """``level`` None: half the copies verbatim, the rest with a space or tab before or after. A level
+        in [0, 1]: each of four variations applies with that probability, each in a form drawn at random
+        (``vary_text``); 0 gives exact copies. The problem, and so the target, stays the same."""
         text = self.input_of(problem)
+        if level is not None:
+            return vary_text(*self.operands(problem), level, rng)
         if rng.random() < 0.5:
             return text
         pad = str(rng.choice([" ", "  ", "\t"]))
         return pad + text if rng.random() < 0.5 else text + pad
+
+
+_GAPS = ("", " ", "  ")
+_PADS = ("", " ", "\t")
+_MARKS = ("?", " ?", ".", "!", " ...", ";")
+
+
+def vary_text(a: int, b: int, level: float, rng: np.random.Generator) -> str:
+    """A copy of ``"a+b="`` varied in up to four ways, each with probability ``level``, as people and
+    agents rewrite a prompt: operand order (``"b+a="``, the same sum), spacing (gaps around ``+`` and
+    ``=``, a leading or trailing space or tab), punctuation (``"?"``, ``"."``, ``"..."`` after ``=``) and
+    case (a ``"sum:"`` label, each letter's case at random: the prompts hold no other letters). The
+    service's content group ignores case and whitespace alone; order and punctuation escape it."""
+    if rng.random() < level:
+        a, b = b, a
+    gaps = [str(rng.choice(_GAPS)) if rng.random() < level else "" for _ in range(2)]
+    text = f"{a}{gaps[0]}+{gaps[1]}{b}="
+    if rng.random() < level:
+        text = str(rng.choice(_PADS[1:])) + text if rng.random() < 0.5 else text + str(rng.choice(_PADS[1:]))
+    if rng.random() < level:
+        text += str(rng.choice(_MARKS))
+    if rng.random() < level:
+        label = "".join(c.upper() if rng.random() < 0.5 else c for c in "sum")
+        text = f"{label}: {text}"
+    return text
 
 
 def _reversed_digits(value: int) -> str:
@@ -180,11 +210,19 @@ class DigitsTask:
         """A label drawn uniformly from the nine wrong ones."""
         return (self.target_of(problem) + int(rng.integers(1, 10))) % 10
 
-    def near_duplicate(self, problem: int, rng: np.random.Generator) -> list[float]:
-        """Half the copies verbatim, the rest with faint pixel noise, clipped to [0, 1]."""
-        if rng.random() < 0.5:
+    def near_duplicate(
+        self, problem: int, rng: np.random.Generator, level: float | None = None
+    ) -> list[float]:
+        """``level`` None: half the copies verbatim, the rest with faint pixel noise (``jitter``). A level:
+        every copy with pixel noise of that standard deviation (0: exact copies); both clipped to [0, 1].
+        Two distinct digits images are >= 0.16 rad apart (app/schema.py ``content_group``); noise of std
+        ~0.07 moves a typical image (norm ~3.5) about that far."""
+        if level is None and rng.random() < 0.5:
             return self.input_of(problem)
-        noisy = np.clip(self.images[problem] + rng.normal(0.0, self.jitter, size=64), 0.0, 1.0)
+        std = self.jitter if level is None else level
+        if std == 0:
+            return self.input_of(problem)
+        noisy = np.clip(self.images[problem] + rng.normal(0.0, std, size=64), 0.0, 1.0)
         return [round(float(x), 4) for x in noisy]
 
 
@@ -204,8 +242,10 @@ class Source:
 
     - ``clean``: correct answers;
     - ``noisy(p)``: a fraction ``p`` of answers replaced by a wrong plausible one;
-    - ``flood(pool, copies)``: re-posts a fixed pool of ``pool`` problems in bursts of ``copies``
-      near-identical samples (new ids, some with trivial input variations), cycling forever;
+    - ``flood(pool, copies, copy_noise)``: re-posts a fixed pool of ``pool`` problems in bursts of
+      ``copies`` near-identical samples (new ids, some with trivial input variations), cycling forever;
+      ``copy_noise`` sets how far the copies differ (the task's ``near_duplicate`` level; None: its
+      default copies);
     - ``offtask``: correct answers to the scenario's other task, which are wrong for the main one.
     """
 
@@ -214,12 +254,15 @@ class Source:
     noise: float = 0.0
     pool: int = 0
     copies: int = 1
+    copy_noise: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"source {self.name}: noise must be in [0, 1], got {self.noise}")
         if self.kind == "flood" and (self.pool < 1 or self.copies < 1):
             raise ValueError(f"source {self.name}: a flood needs pool >= 1 and copies >= 1")
+        if self.copy_noise is not None and not self.copy_noise >= 0:
+            raise ValueError(f"source {self.name}: copy_noise must be >= 0, got {self.copy_noise}")
 
     @classmethod
     def clean(cls, name: str) -> Source:
@@ -230,8 +273,8 @@ class Source:
         return cls(name, "noisy", noise=p)
 
     @classmethod
-    def flood(cls, name: str, pool: int, copies: int) -> Source:
-        return cls(name, "flood", pool=pool, copies=copies)
+    def flood(cls, name: str, pool: int, copies: int, copy_noise: float | None = None) -> Source:
+        return cls(name, "flood", pool=pool, copies=copies, copy_noise=copy_noise)
 
     @classmethod
     def offtask(cls, name: str) -> Source:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.demo.scenarios import SCENARIOS, Scenario, build_scenario, drift_scenario
+from app.demo.scenarios import FLOOD_SWEEP, SCENARIOS, Scenario, build_scenario, drift_scenario
 from app.demo.tasks import ABSDIFF, ADD, ADD_REVERSED, Source, exact_match
+from app.schema import content_group
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONTRACT.md, Sample: id and source
 TEXT_SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "demo"]
@@ -191,3 +192,24 @@ def test_exact_match_counts_equal_targets() -> None:
 def test_unknown_scenario_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown scenario"):
         build_scenario("nope")
+
+
+def _flood_groups(name: str) -> tuple[int, int]:
+    """(flood problems, content groups the service sees among their copies) in a 3,000-sample stream."""
+    flood = [s for s in build_scenario(name, seed=0).stream(3000, seed=0) if s["meta"]["kind"] == "flood"]
+    return 20, len({content_group(s["input"], s["target"]) for s in flood})
+
+
+def test_flood_sweep_copies_drift_apart_as_the_level_grows_and_keep_their_target() -> None:
+    for base, levels in FLOOD_SWEEP.items():
+        groups = [_flood_groups(f"{base}@{level:g}")[1] for level in levels]
+        assert groups[0] == 20  # exact copies: one group per problem
+        assert groups == sorted(groups) and groups[-1] > 40 * 20 / 2, (base, groups)
+    sc = build_scenario("redundancy@0.5", seed=0)
+    flood = [s for s in sc.stream(3000, seed=0) if s["meta"]["kind"] == "flood"]
+    for s in flood:  # every variation keeps the problem: the same two operands, the same sum
+        a, b = (int(x) for x in re.findall(r"\d+", s["input"]))
+        assert s["target"] == str(a + b) and not s["meta"]["corrupted"]
+        assert ID_RE.fullmatch(s["id"])
+    assert any(s["input"] != s["input"].lower() for s in flood)  # case
+    assert any("?" in s["input"] or "." in s["input"] for s in flood)  # punctuation
