@@ -40,6 +40,7 @@ DEFAULT_RATE = 32.0  # samples per training step, all agents together: half of t
 LEAD_STEPS = 20  # the agents stay this many steps ahead: the first batches have something to draw from
 POLL_S = 0.1  # how often the agents read the trainer's step
 PUBLISH_EVERY_S = 0.5  # the trainer reports its step this often (its default, 2 s, would post in lumps)
+EXTRAPOLATE_S = 1.0  # between reports, the agents assume the trainer goes on at its speed for at most this
 MAX_POST = 1000  # samples per request
 N_EVAL = 200
 
@@ -49,13 +50,14 @@ class Pace:
     """What the agents posted, and how far the trainer ever got ahead of them (in steps)."""
 
     rate: float
+    steps: int  # the trainer's last step: nothing is due beyond it
     sent: dict[str, int] = field(default_factory=dict)
     total: int = 0
     max_behind: float = 0.0
 
     def due(self, step: int) -> int:
         """Samples to post now that the trainer is at ``step``: ``rate * (step + LEAD_STEPS)`` in all."""
-        return max(0, round(self.rate * (step + LEAD_STEPS)) - self.total)
+        return max(0, round(self.rate * (min(step, self.steps) + LEAD_STEPS)) - self.total)
 
 
 def _agents(url: str, scn: Scenario, pace: Pace, seed: int, stop: threading.Event) -> None:
@@ -63,32 +65,36 @@ def _agents(url: str, scn: Scenario, pace: Pace, seed: int, stop: threading.Even
     until stopped. The first ``LEAD_STEPS`` steps' worth go in one request, before the trainer's first
     step (it starts on its first poll that finds samples), so every run starts from the same table."""
     stream = scn.stream(10_000_000, seed)
+    reported, seen_at, speed = 0, time.monotonic(), 0.0  # the trainer's last reported step and speed
     with Client(url) as client:
-        step = 0
         while not stop.is_set():
-            n = pace.due(step)
-            if n == 0:
-                stop.wait(POLL_S)
+            # between two reports (every PUBLISH_EVERY_S or more) the trainer goes on at its last speed
+            since = min(time.monotonic() - seen_at, EXTRAPOLATE_S)
+            n = pace.due(reported + int(speed * since))
+            if n > 0:
+                batch = [next(stream) for _ in range(n if pace.total == 0 else min(n, MAX_POST))]
                 try:
-                    step = int(client.stats()["trainer"]["step"] or 0)
-                except Exception as e:  # the demo goes on; the agents log and read again
-                    print(f"\nagents: stats failed: {e}", file=sys.stderr)
+                    client.post_samples(batch, batch_size=min(len(batch), MAX_SAMPLES_PER_REQUEST))
+                except Exception as e:  # the demo goes on; the agents log and post the batch again
+                    print(f"\nagents: post failed: {e}", file=sys.stderr)
+                    stream = itertools.chain(batch, stream)
                     stop.wait(1.0)
                     continue
-                # steps the trainer took beyond what the agents had posted for (0 while they keep up)
-                pace.max_behind = max(pace.max_behind, step - (pace.total / pace.rate - LEAD_STEPS))
+                for s in batch:
+                    pace.sent[s["source"]] = pace.sent.get(s["source"], 0) + 1
+                pace.total += len(batch)
                 continue
-            batch = [next(stream) for _ in range(n if pace.total == 0 else min(n, MAX_POST))]
+            stop.wait(POLL_S)
             try:
-                client.post_samples(batch, batch_size=min(len(batch), MAX_SAMPLES_PER_REQUEST))
-            except Exception as e:  # the demo goes on; the agents log and post the batch again
-                print(f"\nagents: post failed: {e}", file=sys.stderr)
-                stream = itertools.chain(batch, stream)
+                t = client.stats()["trainer"]
+            except Exception as e:  # the demo goes on; the agents log and read again
+                print(f"\nagents: stats failed: {e}", file=sys.stderr)
                 stop.wait(1.0)
                 continue
-            for s in batch:
-                pace.sent[s["source"]] = pace.sent.get(s["source"], 0) + 1
-            pace.total += len(batch)
+            if (t["step"] or 0) != reported:
+                reported, seen_at, speed = int(t["step"]), time.monotonic(), float(t["steps_per_s"] or 0)
+                # steps the trainer took beyond what the agents had posted for (<= 0 while they keep up)
+                pace.max_behind = max(pace.max_behind, reported - (pace.total / pace.rate - LEAD_STEPS))
 
 
 def _accuracy(client: Client, dest: Path, test: list[dict[str, Any]]) -> tuple[float, int] | None:
@@ -106,7 +112,9 @@ def _untrained_accuracy(scn: Scenario, seed: int, test: list[dict[str, Any]]) ->
     from trainer.models import build_model
 
     torch.manual_seed(seed)
-    model = build_model(scn.model, scn.model_config).eval()
+    # an untrained model never ends its answer: in the demo's 64-token block each prediction runs to the
+    # end (half a minute on 2 cores); 16 tokens hold any prompt here, its answer and the end token
+    model = build_model(scn.model, {**scn.model_config, "block_size": 16}).eval()
     return exact_match(model.predict([s["input"] for s in test]), test)
 
 
@@ -134,7 +142,7 @@ def run_demo(host: str, port: int, steps: int, seed: int, rate: float) -> int:
         f"{steps} steps; logs in {data_dir / 'logs'}"
     )
     stop = threading.Event()
-    pace = Pace(rate)
+    pace = Pace(rate, steps)
     test = scn.test[:N_EVAL]
     start_acc = _untrained_accuracy(scn, seed, test)
     acc: tuple[float, int] | None = None
