@@ -41,10 +41,11 @@ class TrainerSettings(Settings):
         ),
     )
     max_unscored: int = Field(
-        4096,
+        1_000_000,
         ge=1,
-        description="bound on the unscored queue: past it, a random subsample of well-estimated "
-        "sources' queued samples stays queued, the rest are drawn by their source's weight",
+        description="bound on the unscored queue: past it, a random subsample of well-estimated sources' "
+        "queued samples stays queued, the rest are drawn by their source's weight. Off in effect by "
+        "default: 4,096 cost exact match on the noisy stream posted up front (0.61 vs 0.77, 3 seeds)",
     )
     source_scoring_target: int = Field(
         200, ge=0, description="a source (cohort) with fewer scored samples keeps all its samples queued"
