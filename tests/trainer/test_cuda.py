@@ -23,6 +23,7 @@ from trainer.hypergrad import reference_scores, val_grad
 from trainer.loop import Trainer
 from trainer.models import TrainModel
 from trainer.models.base import Batch, to_device
+from trainer.publish import status
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -114,9 +115,11 @@ def test_cuda_run_writes_checkpoints_that_load_on_cpu_and_resume_there(
         trainer.learner.device.type == "cuda" and trainer.learner.autocast
     )  # device=auto picks the GPU, bf16 autocast
     assert trainer.run() == 0
-    assert trainer.step == steps and trainer.scorings > 0 and math.isfinite(trainer.train_loss)
+    assert (
+        trainer.step == steps and trainer.learner.scorings > 0 and math.isfinite(trainer.learner.train_loss)
+    )
     assert all(p.is_cuda for p in trainer.learner.model.parameters())
-    assert trainer.status()["device"] == "cuda"
+    assert status(trainer)["device"] == "cuda"
     with Session(trainer.engine) as session:
         row = latest_checkpoint(session)
     assert row is not None and row.version == 2 and row.step == steps
@@ -143,8 +146,9 @@ def test_cuda_run_writes_checkpoints_that_load_on_cpu_and_resume_there(
     # a CPU trainer resumes from the GPU's checkpoint: model, optimizer, weight table, G_val
     cpu = make_trainer(model=kind, model_params=params, max_steps=steps + 10, device="cpu")
     assert cpu.run() == 0
-    assert cpu.step == steps + 10 and cpu.table.live == trainer.table.live and math.isfinite(cpu.train_loss)
-    assert cpu.g_val is not None and all(g.device.type == "cpu" for g in cpu.g_val)
+    assert cpu.step == steps + 10 and cpu.table.live == trainer.table.live
+    assert math.isfinite(cpu.learner.train_loss)
+    assert cpu.validation.g_val is not None and all(g.device.type == "cpu" for g in cpu.validation.g_val)
 
 
 def test_noisy_source_weight_drops_below_half_the_clean_source_on_cuda(
