@@ -73,6 +73,11 @@ class TrainerSettings(Settings):
         2.0, gt=0, description="the least prior weight (in visits) on a sample's own mean score"
     )
     max_logit: float = Field(4.0, gt=0)
+    share_copies: Literal["excess", "all", "none"] = Field(
+        "excess",
+        description="excess: the copies a source posts beyond the other sources' rate of that content "
+        "share one weight (trainer/weighting/base.py shared_weights); all: every copy shares; none: off",
+    )
 
     # I/O
     publish_every_s: float = Field(2.0, gt=0)

@@ -28,9 +28,27 @@ def test_one_sources_copies_share_a_weight_but_other_sources_copies_do_not() -> 
     # rows 0-3: one content posted 3x by "spam" and once by "other"; row 4: other content by "other"
     sources = ["spam", "spam", "spam", "other", "other"]
     t.add(np.arange(5), np.array([7, 7, 7, 7, 9], dtype=np.uint64), sources)
-    w = shared_weights(t, np.zeros(5))
+    w = shared_weights(t, np.zeros(5), natural=False)
     assert np.allclose(w[:3], 1 / 3)  # three copies from one source weigh what one sample does
     assert w[3] == 1.0 and w[4] == 1.0  # the same content from another source keeps its own weight
+
+
+def test_a_flood_shares_one_weight_but_natural_repetition_keeps_a_weight_per_copy() -> None:
+    """Copies beyond what the other sources' rate of that content predicts share one weight; copies that
+    recur as often as everyone's do (a long stream over a finite set of problems) are not spam."""
+    t = WeightTable()
+    # "a" and "b" each post contents 0-9 five times (the same pool, natural repetition); "a" also posts
+    # content 200 once, which "spam" posts ten times
+    groups = [g for g in range(10) for _ in range(5)]
+    t.add(np.arange(50), np.array(groups, dtype=np.uint64), ["a"] * 50)
+    t.add(np.arange(50, 100), np.array(groups, dtype=np.uint64), ["b"] * 50)
+    t.add(np.arange(100, 101), np.array([200], dtype=np.uint64), ["a"])
+    t.add(np.arange(101, 111), np.full(10, 200, dtype=np.uint64), ["spam"] * 10)
+    w = shared_weights(t, np.zeros(t.n))
+    assert np.all(w[:100] > 0.8)  # about as often as the other source posts them: (nearly) a full weight
+    np.testing.assert_allclose(w[101:], 1 / 10)  # the flood: one sample's weight for all ten copies
+    assert w[100] == 1.0
+    np.testing.assert_allclose(shared_weights(t, np.zeros(t.n), natural=False)[:100], 1 / 5)  # the old rule
 
 
 def feed(rule: Bilevel, t: WeightTable, true: np.ndarray, noise: float, rounds: int, seed: int) -> None:

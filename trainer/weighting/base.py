@@ -116,23 +116,45 @@ def normalise(raw: np.ndarray, alive: np.ndarray) -> np.ndarray:
     return (raw * (n / total)).astype(np.float32)
 
 
-def shared_weights(table: WeightTable, z: np.ndarray) -> np.ndarray:
-    """exp(logit) per row, with one source's copies of identical content sharing one weight.
+def shared_weights(table: WeightTable, z: np.ndarray, *, natural: bool = True) -> np.ndarray:
+    """exp(logit) per row, with the copies a source posts beyond the natural rate sharing one weight.
 
-    For the live copies C_g that one source posted of content group g:
-    w_i = exp(mean_{j in C_g} z_j) / |C_g|  for i in C_g, so the copies weigh the same and together weigh
-    what one sample with that logit would: a source cannot multiply its own content's weight by repeating
-    it. The same content from different sources is not shared: independent agents agreeing on an answer
-    is evidence for it (sharing across sources would give a correct answer that three agents gave the
-    weight of a wrong one that one agent gave). Dead rows 0.
+    For the live copies C_{s,g} that source s posted of content group g (c = |C_{s,g}|), the other
+    sources' rate of g predicts how many copies s would post by chance (natural repetition: on a long
+    stream over a finite set of problems, a correct answer recurs), and only the excess shares:
+
+        e_{s,g} = n_s * (C_g - c) / (N - n_s)        n_s: s's live samples, C_g: live copies of g from every
+                                                     source, N: live samples (leave-one-out: s's own
+                                                     copies do not raise the rate it is judged by)
+        w_i     = exp(mean_{j in C_{s,g}} z_j) * min(1, max(e_{s,g}, 1) / c)      i in C_{s,g}
+
+    So a source that repeats content no more than the others do keeps a full weight per copy, while
+    one that floods content (the others post it rarely or never: e <= 1) gets, for all its copies
+    together, the weight of one sample (``natural=False``: always so, whatever the others post). The
+    same content from different sources is never shared: independent agents agreeing on an answer is
+    evidence for it. Without the natural rate, a source's correct answers, which recur, were split among
+    their copies while its wrong ones, which vary, were not: on a stream 13x longer than the noisy
+    scenario's problem pool, a sloppy source's wrong answers then outweighed its right ones (per-sample
+    AUC 0.42; issue 12). Dead rows 0.
     """
     alive = table.alive
     raw = np.zeros(table.n, dtype=np.float64)
     if not alive.any():
         return raw
+    src = table.source[alive].astype(np.int64)
+    group = table.group[alive]
     # (source, group) as one uint64 key: the source index mixed in by an odd multiplier, wrapping
-    key = table.group[alive] ^ (table.source[alive].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    key = group ^ (src.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     z_group = np.bincount(inverse, weights=z[alive], minlength=len(counts)) / counts
-    raw[alive] = np.exp(z_group[inverse]) / counts[inverse]
+    c = counts[inverse].astype(np.float64)  # (live,) copies of this row's content from its source
+    share = 1.0 / c
+    if natural:
+        _, g_inverse, g_counts = np.unique(group, return_inverse=True, return_counts=True)
+        n_s = np.bincount(src)[src].astype(np.float64)  # (live,)
+        n = float(len(src))
+        others = g_counts[g_inverse] - c  # copies of this content from the other sources
+        expected = n_s * others / np.maximum(n - n_s, 1.0)
+        share = np.minimum(1.0, np.maximum(expected, 1.0) / c)
+    raw[alive] = np.exp(z_group[inverse]) * share
     return raw

@@ -161,7 +161,11 @@ class Bilevel(Weighting):
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
         if self.sig2 == 0:
             return super().weights(table, step)
-        return normalise(shared_weights(table, self.logits(table, step)), table.alive)
+        z = self.logits(table, step)
+        mode = self.settings.share_copies
+        if mode == "none":
+            return normalise(np.where(table.alive, np.exp(z), 0.0), table.alive)
+        return normalise(shared_weights(table, z, natural=mode == "excess"), table.alive)
 
     def on_validation(
         self, table: WeightTable, samples: Sequence[dict[str, Any]], version: int, *, task_changed: bool
