@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
-from store.processes import redis_server_binary
+from store.processes import redis_server_binary, wait_for_redis
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +70,13 @@ class EmbeddedRedis:
         # The server outlives a crash of its parent only until the parent's supervisor restarts it;
         # a new session lets it survive Ctrl-C in the terminal so shutdown stays ordered (clients first).
         self.proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"embedded redis exited with {self.proc.returncode}; see {self.dir}/redis.log"
-                )
-            if self._alive():
-                log.info("embedded redis started (pid %d) at %s", self.proc.pid, self.socket)
-                return self.url
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"embedded redis did not answer within {timeout:.0f}s; see {self.dir}/redis.log")
+        try:
+            wait_for_redis(self.url, self.proc, timeout, self.dir / "redis.log")
+        except RuntimeError:
+            self.stop()
+            raise
+        log.info("embedded redis started (pid %d) at %s", self.proc.pid, self.socket)
+        return self.url
 
     def stop(self) -> None:
         """Stop the server if this object started it (flushing the append-only file first)."""

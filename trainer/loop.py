@@ -161,11 +161,11 @@ class Trainer:
             if self.publisher.due():
                 self.redis.attempt(self.publish)
             if self.step % s.checkpoint_every == 0 or (self.checkpoint_due and self.redis.ready()):
-                self.checkpoint()
+                checkpoint(self)
             if now - last_progress >= s.progress_every_s:
                 last_progress = now
                 self._progress()
-        if self.step > 0 and self.step != self.checkpointed_step and not self.checkpoint():
+        if self.step > 0 and self.step != self.checkpointed_step and not checkpoint(self):
             log.warning("no final checkpoint (Redis unavailable): the steps since the last one are dropped")
         return 0
 
@@ -214,10 +214,6 @@ class Trainer:
     # ------------------------------------------------------------------ rank 0: publishing
     def publish(self) -> None:
         self.publisher.publish_weights(self.table, self.step, self.learner.weighting.name, status(self))
-
-    def checkpoint(self) -> bool:
-        """Publish weights and write a checkpoint (trainer/publish.py ``checkpoint``); whether written."""
-        return checkpoint(self)
 
     def _progress(self) -> None:
         doc = self.publisher.last_doc or {}

@@ -301,7 +301,6 @@ def status(t: Trainer) -> dict[str, Any]:
         "device": t.learner.device.type,
         "validation_version": t.validation.version,
         "unscored": len(t.table.unscored),
-        "quarantined_here": t.quarantine.count,
     }
 
 

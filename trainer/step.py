@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,21 +92,18 @@ class Learner:
         if not np.isfinite(losses_np).all():  # before anything learns from this batch
             self._set_aside(table, draw, quarantine)
             return None
-        record = BatchRecord(step, draw.rows, draw.importance, draw.payloads, losses_np)
+        scores: dict[str, Any] = {}
         if scoring:
             assert validation.g_val is not None
             dots, norms = self.scorer.scores(c, validation.g_val)
-            g_norm = float(torch.stack([g.float().square().sum() for g in validation.g_val]).sum().sqrt())
-            record = BatchRecord(
-                step,
-                draw.rows,
-                draw.importance,
-                draw.payloads,
-                losses_np,
-                dots.double().cpu().numpy(),
-                norms.double().cpu().numpy(),
-                g_norm,
-            )
+            scores = {
+                "dots": dots.double().cpu().numpy(),
+                "norms": norms.double().cpu().numpy(),
+                "g_norm": float(
+                    torch.stack([g.float().square().sum() for g in validation.g_val]).sum().sqrt()
+                ),
+            }
+        record = BatchRecord(step, draw.rows, draw.importance, draw.payloads, losses_np, **scores)
         w.observe(table, record)
         if scoring:
             self.scorings += 1

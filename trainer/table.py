@@ -145,13 +145,11 @@ class WeightTable:
         return names, np.array([pos[n] for n in self.sources], dtype=np.int64)
 
     # growth and removal ----------------------------------------------------------------------------
-    def add(
-        self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str], *, queue: bool = True
-    ) -> np.ndarray:
-        """Append rows for samples not already in the table; returns the new rows' indices. A new row's
-        weight is its source's (cohort's) current mean weight (``source_weight``, 1 for a new source):
-        what a sample that was never scored gets. ``queue``: put every new row in the unscored queue (the
-        trainer decides per row instead: trainer/sampler.py ``ScoringBudget``)."""
+    def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
+        """Append rows for samples not already in the table, each queued to be scored; returns the new
+        rows' indices. A new row's weight is its source's (cohort's) current mean weight
+        (``source_weight``, 1 for a new source): what a sample that was never scored gets. The queue's
+        bound is the sampler's (trainer/sampler.py ``bound_queue``)."""
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if not len(ordinals):
             return np.empty(0, dtype=np.int64)
@@ -185,8 +183,7 @@ class WeightTable:
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
         self.tree.update(rows, mass)
-        if queue:
-            self.unscored.extend(rows)
+        self.unscored.extend(rows)
         return rows
 
     def count_first_scores(self, rows: np.ndarray) -> None:
