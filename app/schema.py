@@ -37,20 +37,44 @@ MAX_SHOWN = 60  # characters of a value or a field name quoted in an error messa
 SIMHASH_BITS = 128  # near-duplicate vectors: the signs of this many fixed random projections agree
 SIMHASH_SEED = 0x5EED  # the projections are the same in every process and release: groups are stable
 FIELDS = frozenset({"id", "source", "input", "target", "reward", "meta"})
+# A conversation (chat-shaped input, model kinds that render a chat template: hf-causal-lm). The contract
+# names the roles; the bounds are ours: a conversation of at most MAX_MESSAGES messages whose contents
+# together hold at most MAX_CONVERSATION_BYTES UTF-8 bytes (4x a text input: a system message that lists a
+# few tools' JSON schemas plus the question fits; the model's max_length truncates what it cannot read).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_FIELDS = frozenset({"role", "content"})
+MAX_MESSAGES = 64
+MAX_CONVERSATION_BYTES = 32_768
 
 _ID_SCHEMA = {"type": "string", "pattern": f"^{ID_PATTERN}$", "minLength": 1, "maxLength": 128}
 _SAMPLE_PROPERTIES: dict[str, Any] = {
     "id": {**_ID_SCHEMA, "description": "default: sha256 of the canonical JSON of (source, input, target)"},
     "source": _ID_SCHEMA,
     "input": {
-        "description": "text models: a string of at most 8,192 UTF-8 bytes; mlp: exactly n_features "
-        f"numbers, each within float32's range (other kinds: at most {MAX_VECTOR_LENGTH} numbers)",
+        "description": "text models: a string of at most 8,192 UTF-8 bytes; hf-causal-lm also a "
+        f"conversation: 1-{MAX_MESSAGES} messages {{role, content}} whose contents hold at most "
+        f"{MAX_CONVERSATION_BYTES} UTF-8 bytes in all; mlp: exactly n_features numbers, each within "
+        f"float32's range (other kinds: at most {MAX_VECTOR_LENGTH} numbers)",
         "anyOf": [
             {"type": "string", "minLength": 1},
             {
                 "type": "array",
                 "minItems": 1,
                 "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX},
+            },
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_MESSAGES,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["role", "content"],
+                    "properties": {
+                        "role": {"enum": list(CHAT_ROLES)},
+                        "content": {"type": "string", "minLength": 1},
+                    },
+                },
             },
         ],
     },
@@ -93,14 +117,18 @@ VALIDATION_BODY = _samples_body(["input", "target"], None)  # at most DATADIET_V
 
 @dataclass(frozen=True, slots=True)
 class InputSpec:
-    """What ``input``/``target`` must look like for the configured model kind."""
+    """What ``input``/``target`` must look like for the configured model kind: ``text`` (strings),
+    ``chat`` (a string or a conversation in, a string out), ``vector`` (numbers in, a class out), ``any``
+    (a kind the API does not know: text or numbers)."""
 
-    kind: Literal["text", "vector", "any"] = "text"
+    kind: Literal["text", "vector", "chat", "any"] = "text"
     n_features: int | None = None
     n_classes: int | None = None
 
     @classmethod
-    def from_settings(cls, input_kind: Literal["text", "vector", "any"], params: dict[str, Any]) -> InputSpec:
+    def from_settings(
+        cls, input_kind: Literal["text", "vector", "chat", "any"], params: dict[str, Any]
+    ) -> InputSpec:
         if input_kind == "vector":
             return cls("vector", int(params.get("n_features", 64)), int(params.get("n_classes", 10)))
         return cls(input_kind)
@@ -123,11 +151,17 @@ def content_group(input: Any, target: Any) -> str:
     distinct images (>= 0.16 rad apart in scikit-learn's digits) share them with probability < 0.2%
     (none of its 1,797 images collide). Rounding each element instead splits every copy with one element
     near a rounding boundary: it grouped 54% of the digits flood's copies (its verbatim half), this 92%.
-    Copies share one weight in the trainer instead of multiplying it.
+    Copies share one weight in the trainer instead of multiplying it. A conversation is compared message
+    by message: the same roles in the same order, each content case- and whitespace-insensitively.
     """
-    h = hashlib.blake2b(digest_size=8)
+    chat = isinstance(input, list) and bool(input) and isinstance(input[0], dict)
+    h = hashlib.blake2b(digest_size=8, person=b"chat" if chat else b"")  # conversations: their own domain
     if isinstance(input, str):
         h.update(_normal_text(input).encode())
+    elif chat:  # each message's role and normal text, in order; lengths keep the boundaries unambiguous
+        for m in input:
+            content = _normal_text(m["content"]).encode()
+            h.update(f"{m['role']}:{len(content)}:".encode() + content)
     else:
         bits = _projections(len(input)) @ np.asarray(input, dtype=np.float64) >= 0.0  # (SIMHASH_BITS,)
         h.update(np.packbits(bits).tobytes())
@@ -193,8 +227,58 @@ def _check_text(value: Any, what: str) -> str | None:
     return None
 
 
-def _check_input(value: Any, spec: InputSpec) -> str | None:
-    if spec.kind == "text" or (spec.kind == "any" and isinstance(value, str)):
+def _check_conversation(value: list[Any]) -> tuple[str, str] | None:
+    """The first problem with a conversation as (field, message): ``input[j].role`` names the message and
+    its field, ``input`` the conversation as a whole (empty, too many messages, too many bytes)."""
+    if not value:
+        return "input", "a conversation must hold at least one message"
+    if len(value) > MAX_MESSAGES:
+        return "input", f"the conversation has {len(value)} messages; the limit is {MAX_MESSAGES}"
+    total = 0
+    for j, m in enumerate(value):
+        where = f"input[{j}]"
+        if not isinstance(m, dict):
+            return where, f'a message must be an object {{"role": ..., "content": ...}}, got {_show(m)}'
+        unknown = m.keys() - MESSAGE_FIELDS
+        if unknown:
+            return (
+                f"{where}.{_name(min(unknown))}",
+                f"unknown field(s) {_names(unknown)} in a message; allowed: {sorted(MESSAGE_FIELDS)}",
+            )
+        if "role" not in m:
+            return f"{where}.role", "role is required"
+        if m["role"] not in CHAT_ROLES:
+            return f"{where}.role", f"role must be one of {', '.join(CHAT_ROLES)}, got {_show(m['role'])}"
+        if "content" not in m:
+            return f"{where}.content", "content is required"
+        content = m["content"]
+        if not isinstance(content, str):
+            return f"{where}.content", f"content must be a string, got {_show(content)}"
+        if not content:
+            return f"{where}.content", "content must not be empty"
+        total += len(content.encode("utf-8"))
+    if total > MAX_CONVERSATION_BYTES:
+        return "input", (
+            f"the messages' contents are {total} UTF-8 bytes in all; the limit is {MAX_CONVERSATION_BYTES}"
+        )
+    return None
+
+
+def _check_input(value: Any, spec: InputSpec) -> tuple[str, str] | None:
+    """The first problem with ``input`` as (field, message): the field is ``input``, or a message's
+    ``input[j].role`` / ``input[j].content`` in a conversation."""
+    if spec.kind == "chat":
+        if isinstance(value, list):
+            return _check_conversation(value)
+        if not isinstance(value, str):
+            got = type(value).__name__
+            return "input", f"input must be a string or an array of messages for this model kind, got {got}"
+    msg = _check_vector_or_text(value, spec)
+    return None if msg is None else ("input", msg)
+
+
+def _check_vector_or_text(value: Any, spec: InputSpec) -> str | None:
+    if spec.kind in ("text", "chat") or (spec.kind == "any" and isinstance(value, str)):
         return _check_text(value, "input")
     if not isinstance(value, list):
         return f"input must be an array of numbers for this model kind, got {type(value).__name__}"
@@ -213,7 +297,7 @@ def _check_input(value: Any, spec: InputSpec) -> str | None:
 
 
 def _check_target(value: Any, spec: InputSpec) -> str | None:
-    if spec.kind == "text" or (spec.kind == "any" and isinstance(value, str)):
+    if spec.kind in ("text", "chat") or (spec.kind == "any" and isinstance(value, str)):
         return _check_text(value, "target")
     if not isinstance(value, int) or isinstance(value, bool):
         return f"target must be an integer class for this model kind, got {_show(value)}"
@@ -243,8 +327,8 @@ def _check_sample(s: Any, spec: InputSpec, require_source: bool) -> tuple[str, s
             return "source", "source must be 1-128 characters of [A-Za-z0-9._:-]"
     if "input" not in s:
         return "input", "input is required"
-    if (msg := _check_input(s["input"], spec)) is not None:
-        return "input", msg
+    if (problem := _check_input(s["input"], spec)) is not None:
+        return problem
     if "target" not in s:
         return "target", "target is required"
     if (msg := _check_target(s["target"], spec)) is not None:

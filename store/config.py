@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TEXT_MODEL_KINDS = frozenset({"tiny-gpt"})
 VECTOR_MODEL_KINDS = frozenset({"mlp"})
+CHAT_MODEL_KINDS = frozenset({"hf-causal-lm"})  # text, and conversations rendered by a chat template
 
 
 class Settings(BaseSettings):
@@ -28,8 +29,10 @@ class Settings(BaseSettings):
     model_params: dict[str, Any] = Field(
         default_factory=dict, validation_alias=AliasChoices("DATADIET_MODEL_CONFIG", "model_params")
     )
-    input_kind: Literal["text", "vector", "auto"] = Field(
-        "auto", description="what `input` a sample must carry; auto: from the model kind"
+    input_kind: Literal["text", "vector", "chat", "auto"] = Field(
+        "auto",
+        description="what `input` a sample must carry (chat: a string or a list of messages); "
+        "auto: from the model kind",
     )
     reweight: str = "bilevel"
 
@@ -71,11 +74,13 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'meta.db').resolve()}"
 
     @property
-    def resolved_input_kind(self) -> Literal["text", "vector", "any"]:
+    def resolved_input_kind(self) -> Literal["text", "vector", "chat", "any"]:
         if self.input_kind != "auto":
             return self.input_kind
         if self.model in TEXT_MODEL_KINDS:
             return "text"
+        if self.model in CHAT_MODEL_KINDS:
+            return "chat"
         if self.model in VECTOR_MODEL_KINDS:
             return "vector"
         return "any"
