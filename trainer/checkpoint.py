@@ -9,6 +9,10 @@ Header metadata (all strings):
     datadiet.tensors_sha256  sha256 over every tensor, in sorted name order, of
                              name NUL dtype NUL shape NUL raw bytes, so a damaged data section (or a
                              header edit that reinterprets it) is caught without an external hash
+    datadiet.base_path       (LoRA models only, plain strings) the base model the adapters need, and
+    datadiet.base_sha256     the sha256 of its state dict (``tensors_sha256``); loading refuses another
+                             base. Such a file holds the adapters alone: the file plus the named base
+                             model are enough to load it (``TrainModel.checkpoint_metadata``)
     datadiet.<other>         JSON of any other key the caller passed in ``meta`` (e.g. metrics)
 
 Loading never unpickles: safetensors only, and the kind is looked up in the model registry.
@@ -64,10 +68,11 @@ def save_checkpoint(
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"checkpoint meta[{key!r}] must be an int >= 0, got {value!r}")
-    reserved = {"format", "kind", "config", "tensors_sha256"} & set(meta)
+    extra = model.checkpoint_metadata()
+    reserved = ({"format", "kind", "config", "tensors_sha256"} | set(extra)) & set(meta)
     if reserved:
         raise ValueError(f"checkpoint meta must not set {sorted(reserved)}: they describe the model")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.checkpoint_tensors().items()}
     metadata = {
         PREFIX + "format": FORMAT,
         PREFIX + "kind": model.kind,
@@ -76,6 +81,7 @@ def save_checkpoint(
         PREFIX + "version": str(meta["version"]),
         PREFIX + "settings": json.dumps(meta.get("settings", {}), sort_keys=True, default=str),
         PREFIX + "tensors_sha256": tensors_sha256(tensors),
+        **{PREFIX + k: v for k, v in extra.items()},
     }
     for key, value in meta.items():
         if key not in ("step", "version", "settings"):
@@ -124,9 +130,18 @@ class LoadedModel:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], sha256: str | None = None, *, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    sha256: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load and verify a checkpoint file (header, metadata, tensor hash; the file hash when given)."""
+    """Load and verify a checkpoint file (header, metadata, tensor hash; the file hash when given).
+
+    ``config_overrides`` replace keys of the stored model config before the model is built, e.g.
+    ``{"path": "/my/copy/of/the/base"}`` for an ``hf-causal-lm`` checkpoint trained elsewhere; a LoRA
+    checkpoint still refuses a base whose sha256 differs from ``datadiet.base_sha256``. Raises
+    CheckpointError for anything wrong with the file, the config, or the base it needs."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -156,14 +171,26 @@ def load_checkpoint(
         raise CheckpointError(f"{p}: bad datadiet metadata value: {e}") from e
     if not isinstance(config, dict) or not isinstance(settings, dict) or step < 0 or version < 0:
         raise CheckpointError(f"{p}: bad datadiet metadata (config/settings objects, step/version >= 0)")
+    config.update(config_overrides or {})
     try:
         module = build_model(kind, config)
     except UnknownModelKind as e:
         raise CheckpointError(f"{p}: {e}") from e
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: model kind {kind!r} rejects the stored config: {e}") from e
+    except (OSError, ImportError) as e:  # a base model that is not there, an extra that is not installed
+        raise CheckpointError(f"{p}: cannot build its {kind!r} model: {e}") from e
+    wanted = metadata.get(PREFIX + "base_sha256")
+    if wanted is not None:
+        have = module.checkpoint_metadata().get("base_sha256")
+        if have != wanted:
+            base = module.checkpoint_metadata().get("base_path", "?")
+            raise CheckpointError(
+                f"{p}: trained on the base {metadata.get(PREFIX + 'base_path', '?')} with sha256 {wanted}, "
+                f"but the base at {base} has sha256 {have}: refusing to load adapters on another base"
+            )
     try:
-        module.load_state_dict(tensors, strict=True)
+        module.load_checkpoint_tensors(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{p}: tensors do not fit a {kind!r} model with the stored config: {e}") from e
     module.to(device).eval()

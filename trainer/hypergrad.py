@@ -16,7 +16,15 @@ constant input 1,
     <grad W_i, G_W> + <grad b_i, G_b> = sum_t g_it . (G_W a_it + G_b)             one F.linear, like a forward
     ||grad W_i||^2 + ||grad b_i||^2   = sum_{t,s} (a_it . a_is + 1)(g_it . g_is)   (B, T, T) Gram matrices
 
-summed over the scored layers. The trainer backprops sum_i c_i loss_i (c_i = w_i / sum_j w_j > 0), so
+summed over the scored layers. GPT-2's ``Conv1D`` is a Linear whose weight is stored transposed,
+(d_in, d_out): its G_W is transposed to match. PEFT's LoRA adapters (Hu et al. 2021) are two Linear layers,
+lora_A (d -> r) and lora_B (r -> d), scored like any other. Where d_in d_out < T (d_in + d_out), as for a
+rank-r adapter on sequences longer than about r, the per-sample gradients themselves, (B, d_out, d_in),
+are cheaper than the (B, T, T) Grams, and ``layer_scores`` forms them directly (``method="auto"``). An
+output head tied to the input embedding is one matrix with two uses (``TiedEmbedding``). Ghost norms: Li et
+al. 2022 (arXiv:2110.05679); scores from the same backward: GREATS (Wang et al. 2024).
+
+The trainer backprops sum_i c_i loss_i (c_i = w_i / sum_j w_j > 0), so
 the hooks see c_i g_it: dots and norms are divided by c_i. Padding positions have g_it = 0 (their loss
 is masked and attention is causal), so whatever a_it holds there contributes nothing.
 
@@ -37,8 +45,10 @@ Usage (one forward + backward for the inner step and the scores)::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +58,34 @@ from torch.utils.hooks import RemovableHandle
 from trainer.models.base import TrainModel
 
 
-def scored_parameters(modules: Sequence[nn.Linear]) -> list[Tensor]:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): y = x W + b with W (d_in, d_out). Checked
+    without importing transformers (a model that has one has imported it)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+class TiedEmbedding:
+    """An output head (nn.Linear, W (V, d)) whose weight is the input embedding's (nn.Embedding (V, d)),
+    scored as the one matrix it is. With token ids x_is of sample i, embedding output-gradients e_is (S, d),
+    head inputs a_it (T, d) and output-gradients h_it (T, V):
+
+        grad W_i = sum_t h_it a_it^T + sum_s onehot(x_is) e_is^T                              (V, d)
+        <grad W_i, G> = sum_t h_it . (G a_it) + sum_s e_is . G[x_is]
+        ||grad W_i||^2 = sum_{t,t'} (a_it . a_it')(h_it . h_it') + sum_{s,s'} [x_is = x_is'] (e_is . e_is')
+                         + 2 sum_{t,s} h_it[x_is] (a_it . e_is)
+
+    The head's bias, if any, is scored as a Linear bias; other embeddings (positions) are not scored."""
+
+    def __init__(self, embedding: nn.Embedding, head: nn.Linear) -> None:
+        if embedding.weight is not head.weight:
+            raise ValueError("TiedEmbedding: the head's weight is not the embedding's")
+        self.embedding, self.head = embedding, head
+        self.weight, self.bias = head.weight, head.bias
+
+
+def scored_parameters(modules: Sequence[Any]) -> list[Tensor]:
     """The parameters the scores cover, in the order every gradient list here uses:
     for each module, its weight, then its bias if it has one."""
     params: list[Tensor] = []
@@ -59,21 +96,31 @@ def scored_parameters(modules: Sequence[nn.Linear]) -> list[Tensor]:
     return params
 
 
-class GhostScorer:
-    """Hooks on Linear layers that turn one batched backward into per-sample dots and norms."""
+def _sites(m: Any) -> list[nn.Module]:
+    """The modules whose calls a scored entry's hooks record: a TiedEmbedding's embedding and head."""
+    return [m.embedding, m.head] if isinstance(m, TiedEmbedding) else [m]
 
-    def __init__(self, modules: Sequence[nn.Linear]) -> None:
+
+class GhostScorer:
+    """Hooks on Linear-like layers (nn.Linear, Conv1D, TiedEmbedding) that turn one batched backward into
+    per-sample dots and norms."""
+
+    def __init__(self, modules: Sequence[Any]) -> None:
         if not modules:
             raise ValueError("GhostScorer needs at least one nn.Linear")
         for m in modules:
-            if not isinstance(m, nn.Linear):
-                raise TypeError(f"GhostScorer scores nn.Linear layers only, got {type(m).__name__}")
+            if not (isinstance(m, nn.Linear | TiedEmbedding) or is_conv1d(m)):
+                raise TypeError(
+                    "GhostScorer scores nn.Linear, Conv1D and TiedEmbedding layers only, "
+                    f"got {type(m).__name__}"
+                )
         self.modules = list(modules)
         self.params = scored_parameters(self.modules)
-        self._inputs: list[list[Tensor]] = [[] for _ in self.modules]  # per module, per call: a (B, T, d_in)
-        self._grads: list[dict[int, Tensor]] = [
-            {} for _ in self.modules
-        ]  # per module: call -> g (B, T, d_out)
+        self._site_modules = [site for m in self.modules for site in _sites(m)]
+        # per hooked module, per call: its input (B, T, d_in) (token ids (B, T) for an embedding) ...
+        self._inputs: list[list[Tensor]] = [[] for _ in self._site_modules]
+        # ... and call -> its output-gradient g (B, T, d_out)
+        self._grads: list[dict[int, Tensor]] = [{} for _ in self._site_modules]
         self._active = False
 
     @contextmanager
@@ -84,7 +131,7 @@ class GhostScorer:
             raise RuntimeError("GhostScorer.capture() is not re-entrant")
         self.clear()
         handles: list[RemovableHandle] = [
-            m.register_forward_hook(self._forward_hook(j)) for j, m in enumerate(self.modules)
+            m.register_forward_hook(self._forward_hook(j)) for j, m in enumerate(self._site_modules)
         ]
         self._active = True
         try:
@@ -100,7 +147,9 @@ class GhostScorer:
                 return
             a = args[0].detach()
             device = a.device.type
-            if torch.is_autocast_enabled(device):  # keep what the matmul really used (and half the memory)
+            if a.is_floating_point() and torch.is_autocast_enabled(
+                device
+            ):  # keep what the matmul really used (and half the memory)
                 a = a.to(torch.get_autocast_dtype(device))
             call = len(self._inputs[j])
             self._inputs[j].append(a)
@@ -141,27 +190,41 @@ class GhostScorer:
             raise ValueError("coef must be > 0 for every sample (give zero-weight samples a small floor)")
         return dots, norms
 
+    def _recorded(self, j: int) -> tuple[Tensor, Tensor] | None:
+        """Hooked module j's (inputs, output-gradients) over its calls, or None when it got no gradient.
+        Several calls of one layer (weight sharing) are more time steps of the same sample."""
+        pairs = [
+            (_as_btd(a) if a.is_floating_point() else a.reshape(a.shape[0], -1), _as_btd(self._grads[j][k]))
+            for k, a in enumerate(self._inputs[j])
+            if k in self._grads[j]
+        ]
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([x for x, _ in pairs], dim=1), torch.cat([y for _, y in pairs], dim=1)
+
     def _accumulate(self, g_val: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         dots: list[Tensor] = []  # per layer (B,)
         sqs: list[Tensor] = []
-        p = 0
-        for j, m in enumerate(self.modules):
+        p = j = 0
+        for m in self.modules:
             G_W = g_val[p]
             G_b = g_val[p + 1] if m.bias is not None else None
             p += 1 if m.bias is None else 2
-            pairs = [
-                (_as_btd(a), _as_btd(self._grads[j][k]))
-                for k, a in enumerate(self._inputs[j])
-                if k in self._grads[j]
-            ]
-            if not pairs:
+            if isinstance(m, TiedEmbedding):
+                scores = tied_scores(self._recorded(j), self._recorded(j + 1), G_W, G_b)
+                j += 2
+            else:
+                recorded = self._recorded(j)
+                j += 1
+                if is_conv1d(m):
+                    G_W = G_W.t()  # Conv1D's (d_in, d_out) -> a Linear's (d_out, d_in)
+                scores = None if recorded is None else layer_scores(*recorded, G_W, G_b)
+            if scores is None:
                 continue  # layer unused by the loss: its per-sample gradients are zero
-            # several calls of one layer (weight sharing) are more time steps of the same sample
-            a = pairs[0][0] if len(pairs) == 1 else torch.cat([x for x, _ in pairs], dim=1)  # (B, T, d_in)
-            g = pairs[0][1] if len(pairs) == 1 else torch.cat([y for _, y in pairs], dim=1)  # (B, T, d_out)
-            dot, sq = layer_scores(a, g, G_W, G_b)
-            dots.append(dot)
-            sqs.append(sq)
+            dots.append(scores[0])
+            sqs.append(scores[1])
         if not dots:
             raise RuntimeError("no scored layer received a gradient")
         return torch.stack(dots).sum(dim=0), torch.stack(sqs).sum(dim=0)  # (L, B) -> (B,)
@@ -176,8 +239,17 @@ def _as_btd(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+Method = Literal["auto", "gram", "direct"]
+DIRECT_MAX_ELEMENTS = 1 << 26  # B d_out d_in: the most per-sample gradient elements formed at once
+
+
 def layer_scores(
-    a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: bool | None = None
+    a: Tensor,
+    g: Tensor,
+    G_W: Tensor,
+    G_b: Tensor | None,
+    pack: bool | None = None,
+    method: Method = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One Linear's (dots (B,), squared norms (B,)) from inputs a (B, T, d_in), output-gradients
     g (B, T, d_out) and the validation gradient G_W (d_out, d_in), G_b (d_out,) or None; float32 or wider.
@@ -185,12 +257,21 @@ def layer_scores(
     ``pack`` (default: on the CPU) first drops positions with g_it = 0, which add nothing to any term:
     padding, and in the layers after the last attention every position that is not a target (often most
     of them). It syncs with the host; without it the shapes, and so the kernels, do not depend on the data.
+
+    ``method``: "gram" takes the norms from the (B, T, T) Gram matrices, B T^2 (d_in + d_out) products;
+    "direct" forms each sample's gradient g_i^T a_i (B, d_out, d_in), B T d_in d_out products, which is
+    cheaper for narrow layers (a LoRA adapter: d_in or d_out = r) on long sequences; "auto" takes the
+    cheaper one (after packing), and "gram" when the direct gradients would pass DIRECT_MAX_ELEMENTS.
     Inside autocast too, the products run in float32 or wider."""
+    if method not in ("auto", "gram", "direct"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'direct', got {method!r}")
     with torch.autocast(a.device.type, enabled=False):
-        return _layer_scores(a, g, G_W, G_b, a.device.type == "cpu" if pack is None else pack)
+        return _layer_scores(a, g, G_W, G_b, a.device.type == "cpu" if pack is None else pack, method)
 
 
-def _layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: bool) -> tuple[Tensor, Tensor]:
+def _layer_scores(
+    a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: bool, method: Method
+) -> tuple[Tensor, Tensor]:
     dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
     a, g = a.to(dt), g.to(dt)
     G_W = G_W.to(device=a.device, dtype=dt)
@@ -216,6 +297,18 @@ def _layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: b
             rows = live.nonzero()[:, 0]  # (N,) sample of each live row
             per_row = torch.linalg.vecdot(F.linear(a[live], G_W, G_b), g[live])  # (N,)
             dot = torch.zeros(B, dtype=dt, device=a.device).index_add_(0, rows, per_row)
+    T, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if method == "auto":
+        fits = B * d_in * d_out <= DIRECT_MAX_ELEMENTS
+        method = "direct" if fits and d_in * d_out * (T + 2) < T * T * (d_in + d_out + 1) else "gram"
+    if method == "direct":
+        per_W = g.transpose(1, 2) @ a  # grad W_i = sum_t g_it a_it^T: (B, d_out, d_in)
+        dot = torch.linalg.vecdot(per_W.flatten(1), G_W.flatten())  # <grad W_i, G_W>: (B,)
+        sq = per_W.square().sum(dim=(1, 2))  # (B,)
+        if G_b is not None:
+            per_b = g.sum(dim=1)  # grad b_i = sum_t g_it: (B, d_out)
+            dot, sq = dot + per_b @ G_b, sq + per_b.square().sum(dim=1)
+        return dot, sq
     if dot is None:  # sum_t g_it . (G_W a_it + G_b): (B, T, d_out) -> (B,)
         dot = torch.linalg.vecdot(F.linear(a, G_W, G_b).flatten(1), g.flatten(1))
     # sum_{t,s} (a_it . a_is + 1)(g_it . g_is): (B, T, T) -> (B,)
@@ -223,6 +316,40 @@ def _layer_scores(a: Tensor, g: Tensor, G_W: Tensor, G_b: Tensor | None, pack: b
     if G_b is not None:
         aa = aa + 1  # the bias's constant input
     return dot, torch.linalg.vecdot(aa.flatten(1), (g @ g.transpose(1, 2)).flatten(1))
+
+
+def tied_scores(
+    embedding: tuple[Tensor, Tensor] | None,
+    head: tuple[Tensor, Tensor] | None,
+    G_W: Tensor,
+    G_b: Tensor | None,
+) -> tuple[Tensor, Tensor] | None:
+    """A TiedEmbedding's (dots (B,), squared norms (B,)) from the embedding's (token ids x (B, S),
+    output-gradients e (B, S, d)) and the head's (inputs a (B, T, d), output-gradients h (B, T, V)), either
+    None when that use got no gradient; G_W (V, d), G_b (V,) or None. Formulas: ``TiedEmbedding``."""
+    if embedding is None and head is None:
+        return None
+    ref = (head or embedding)[1]  # type: ignore[index]
+    with torch.autocast(ref.device.type, enabled=False):
+        dt = torch.promote_types(ref.dtype, torch.float32)
+        G = G_W.to(device=ref.device, dtype=dt)
+        dot = sq = None
+        if head is not None:
+            dot, sq = layer_scores(head[0], head[1], G, G_b, pack=False)
+        if embedding is not None:
+            x, e = embedding[0], embedding[1].to(dt)  # (B, S), (B, S, d)
+            e_dot = torch.linalg.vecdot(e, G[x]).sum(dim=1)  # sum_s e_is . G[x_is]: (B,)
+            same = (x[:, :, None] == x[:, None, :]).to(dt)  # [x_is = x_is']: (B, S, S)
+            e_sq = torch.linalg.vecdot(same.flatten(1), (e @ e.transpose(1, 2)).flatten(1))  # (B,)
+            dot = e_dot if dot is None else dot + e_dot
+            sq = e_sq if sq is None else sq + e_sq
+            if head is not None:
+                a, h = head[0].to(dt), head[1].to(dt)  # (B, T, d), (B, T, V)
+                h_at_x = h.gather(2, x[:, None, :].expand(-1, h.shape[1], -1))  # h_it[x_is]: (B, T, S)
+                cross = torch.linalg.vecdot(h_at_x.flatten(1), (a @ e.transpose(1, 2)).flatten(1))  # (B,)
+                sq = sq + 2 * cross
+    assert dot is not None and sq is not None
+    return dot, sq
 
 
 def val_grad(model: TrainModel, batch: Mapping[str, Tensor]) -> tuple[float, list[Tensor]]:

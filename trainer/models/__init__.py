@@ -108,6 +108,16 @@ def _qualified(obj: Any) -> str:
 register("tiny-gpt")(TinyGPT)
 register("mlp")(MLP)
 
+
+@register("hf-causal-lm", input_kind="text")
+def hf_causal_lm(config: dict[str, Any]) -> TrainModel:
+    """A Hugging Face causal LM (trainer/models/hf_causal_lm.py); transformers is imported here, on first
+    use, so the core imports without the ``hf`` extra."""
+    from trainer.models.hf_causal_lm import HFCausalLM
+
+    return HFCausalLM(config)
+
+
 __all__ = [
     "Factory",
     "InputKind",

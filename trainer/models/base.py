@@ -43,9 +43,23 @@ class TrainModel(nn.Module, ABC):
     def predict(self, inputs: Sequence[Any]) -> list[Any]:
         """Answers for raw inputs, without gradients (text: list[str]; vector: list[int])."""
 
-    def scored_modules(self) -> list[nn.Linear]:
-        """The Linear layers the hypergradient covers: by default every nn.Linear, in module order."""
+    def scored_modules(self) -> list[Any]:
+        """The layers the hypergradient covers (nn.Linear, transformers' Conv1D, hypergrad.TiedEmbedding):
+        by default every nn.Linear, in module order."""
         return [m for m in self.modules() if isinstance(m, nn.Linear)]
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint holds: by default the whole state dict (a LoRA model: its adapters)."""
+        return self.state_dict()
+
+    def load_checkpoint_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Load what ``checkpoint_tensors`` gave; RuntimeError when the names or shapes do not fit."""
+        self.load_state_dict(tensors, strict=True)
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """Extra checkpoint header entries (``datadiet.<key>``, plain strings) naming what else loading
+        needs, e.g. ``base_path`` and ``base_sha256`` of a LoRA model's base. Empty by default."""
+        return {}
 
     @property
     def device(self) -> torch.device:
