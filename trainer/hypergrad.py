@@ -243,6 +243,14 @@ Method = Literal["auto", "gram", "direct"]
 DIRECT_MAX_ELEMENTS = 1 << 26  # B d_out d_in: the most per-sample gradient elements formed at once
 
 
+def score_method(B: int, T: int, d_in: int, d_out: int) -> Literal["gram", "direct"]:
+    """The cheaper way to a Linear's per-sample norms: "direct" (per-sample gradients, about
+    B d_in d_out (T + 2) products) when it beats "gram" (B T^2 (d_in + d_out + 1)) and the gradients,
+    B d_out d_in elements, stay within DIRECT_MAX_ELEMENTS."""
+    fits = B * d_in * d_out <= DIRECT_MAX_ELEMENTS
+    return "direct" if fits and d_in * d_out * (T + 2) < T * T * (d_in + d_out + 1) else "gram"
+
+
 def layer_scores(
     a: Tensor,
     g: Tensor,
@@ -297,10 +305,8 @@ def _layer_scores(
             rows = live.nonzero()[:, 0]  # (N,) sample of each live row
             per_row = torch.linalg.vecdot(F.linear(a[live], G_W, G_b), g[live])  # (N,)
             dot = torch.zeros(B, dtype=dt, device=a.device).index_add_(0, rows, per_row)
-    T, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if method == "auto":
-        fits = B * d_in * d_out <= DIRECT_MAX_ELEMENTS
-        method = "direct" if fits and d_in * d_out * (T + 2) < T * T * (d_in + d_out + 1) else "gram"
+        method = score_method(B, a.shape[1], a.shape[2], g.shape[2])
     if method == "direct":
         per_W = g.transpose(1, 2) @ a  # grad W_i = sum_t g_it a_it^T: (B, d_out, d_in)
         dot = torch.linalg.vecdot(per_W.flatten(1), G_W.flatten())  # <grad W_i, G_W>: (B,)

@@ -307,24 +307,28 @@ class HFCausalLM(TrainModel):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def checkpoint_tensors(self) -> dict[str, Tensor]:
-        """Full fine-tuning: the state dict; LoRA: the adapter weights only."""
+        """Full fine-tuning: the state dict, each tied tensor once (under its first name in sorted order);
+        LoRA: the adapter weights only."""
         state = self.state_dict()
-        if self.config["lora"] is None:
-            return state
-        return {n: state[n] for n in self.adapter_names}
+        if self.config["lora"] is not None:
+            return {n: state[n] for n in self.adapter_names}
+        out: dict[str, Tensor] = {}
+        seen: set[tuple[int, int]] = set()
+        for name in sorted(state):
+            t = state[name]
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key not in seen:  # a tied head's weight is the embedding's: stored once
+                seen.add(key)
+                out[name] = t
+        return out
 
     def load_checkpoint_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """The inverse of ``checkpoint_tensors``; RuntimeError when the names do not match exactly."""
-        if self.config["lora"] is None:
-            self.load_state_dict(tensors, strict=True)
-            return
-        missing = sorted(set(self.adapter_names) - set(tensors))
-        unexpected = sorted(set(tensors) - set(self.adapter_names))
+        expected = set(self.checkpoint_tensors())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
-            raise RuntimeError(
-                f"adapter tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        self.load_state_dict(tensors, strict=False)
+            raise RuntimeError(f"tensors differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(tensors, strict=False)  # the rest: the frozen base, or a tied tensor's alias
 
     def checkpoint_metadata(self) -> dict[str, str]:
         """With LoRA: {"base_path", "base_sha256"}, the base model a checkpoint of adapters needs."""
