@@ -60,6 +60,7 @@ SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digit
 # ~15% of the full run's time) and the flood-noise sweep run when asked for by name
 DEFAULT_SCENARIOS = ["noisy", "redundancy", "misaligned", "drift", "digits"]
 METHODS = ["uniform", "random", "val-only", "loss", "l2rw", "rholoss", "bilevel", "oracle"]
+ABLATIONS = ["bilevel-hypergrad"]  # bilevel without the trusted-set teacher; run when asked for by name
 NOT_FOR = {
     "drift": {"random", "oracle"},  # nothing to subsample against, no clean-only stream
     "noisy-carry": {"random", "val-only", "loss", "l2rw", "rholoss"},  # a probe: ours, uniform, oracle
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="noisy, seed 0, uniform and bilevel (~3 min)")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=DEFAULT_SCENARIOS)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--methods", nargs="+", choices=METHODS + ABLATIONS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--rates",
@@ -219,7 +220,7 @@ def execute(specs: list[RunSpec], workers: int, workdir: Path) -> list[RunResult
             futures[(spec.scenario, spec.rate, spec.method, spec.seed)] = pool.submit(job, spec)
         results = [f.result() for f in futures.values()]
     return sorted(results, key=lambda r: (SCENARIOS.index(r.spec.scenario), _rate_order(r.spec.rate),
-                                          METHODS.index(r.spec.method), r.spec.seed))  # fmt: skip
+                                          (METHODS + ABLATIONS).index(r.spec.method), r.spec.seed))  # fmt: skip
 
 
 def _rate_order(rate: float | None) -> float:

@@ -39,9 +39,18 @@ from datadiet import Client
 from store.processes import datadiet_env, spawn, start_api_process, start_redis_server, stop_process_group
 from trainer import load_checkpoint
 
-TRAINER_METHOD = {"random": "uniform", "val-only": "uniform", "oracle": "uniform"}
-# Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
-EXTRA_SETTINGS = {"l2rw": {"val_grad_every": "1", "val_grad_beta": "0"}}
+TRAINER_METHOD = {
+    "random": "uniform",
+    "val-only": "uniform",
+    "oracle": "uniform",
+    "bilevel-hypergrad": "bilevel",
+}
+EXTRA_SETTINGS = {
+    # Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
+    "l2rw": {"val_grad_every": "1", "val_grad_beta": "0"},
+    # an ablation: bilevel on the one-step hypergradient score alone, without the trusted-set teacher
+    "bilevel-hypergrad": {"teacher": "false"},
+}
 POLL_S = 0.5
 PACED_PUBLISH_S = "0.25"  # paced runs: the trainer publishes its step this often (default 2 s), for the pacer
 MAX_WEIGHED = 50_000  # posted samples whose final weight is fetched (a seeded random subset beyond)

@@ -65,6 +65,8 @@ class Trainer:
         self.rng = np.random.default_rng(s.seed)  # batches and validation batches: one stream
         model = build_model(s.model, s.model_params).to(device)
         self.learner = Learner(s, model, make_weighting(s, device))
+        # a rule training a reference model keeps the lease alive (and says where it is)
+        self.learner.weighting.heartbeat = self._renew_lease
         self.table = WeightTable()
         self.learner.weighting.attach(self.table)
         self.feed, self.engine = feed, engine
@@ -170,6 +172,9 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------ the named steps
+    def _renew_lease(self) -> None:
+        self.redis.attempt(self.feed.lease.renew_if_due)
+
     def poll(self) -> None:
         """New stream entries into the table (Redis errors propagate)."""
 

@@ -301,6 +301,7 @@ def status(t: Trainer) -> dict[str, Any]:
         "device": t.learner.device.type,
         "validation_version": t.validation.version,
         "unscored": len(t.table.unscored),
+        **({"weighting": report} if (report := t.learner.weighting.report()) else {}),
     }
 
 

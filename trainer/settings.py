@@ -73,6 +73,14 @@ class TrainerSettings(Settings):
         2.0, gt=0, description="the least prior weight (in visits) on a sample's own mean score"
     )
     max_logit: float = Field(4.0, gt=0)
+    teacher: bool = Field(
+        True,
+        description="weight each sample by the probability that its target is right, from models trained "
+        "on the validation set (trainer/weighting/teacher.py)",
+    )
+    teacher_scale: float = Field(
+        1.0, ge=0, description="the teacher's log-probability's factor in a sample's logit (1: weight x P)"
+    )
     share_copies: Literal["excess", "all", "none"] = Field(
         "excess",
         description="excess: the copies a source posts beyond the other sources' rate of that content "

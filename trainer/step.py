@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,9 @@ class Learner:
                     torch.stack([g.float().square().sum() for g in validation.g_val]).sum().sqrt()
                 ),
             }
-        record = BatchRecord(step, draw.rows, draw.importance, draw.payloads, losses_np, **scores)
+        record = BatchRecord(
+            step, draw.rows, draw.importance, draw.payloads, losses_np, **scores, loss_of=self.losses_of
+        )
         w.observe(table, record)
         if scoring:
             self.scorings += 1
@@ -132,6 +135,21 @@ class Learner:
         lv = float(loss.detach())
         self.train_loss = lv if math.isnan(self.train_loss) else 0.95 * self.train_loss + 0.05 * lv
         return True
+
+    @torch.no_grad()
+    def losses_of(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
+        """The current model's per-sample losses on Sample dicts, (n,), in eval mode without gradients, in
+        batches of the trainer's batch size; the model is left in train mode."""
+        self.model.eval()
+        out = []
+        for i in range(0, len(samples), self.settings.batch_size):
+            batch = to_device(
+                self.model.collate(list(samples[i : i + self.settings.batch_size])), self.device
+            )
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out.append(self.model.per_sample_loss(batch).double().cpu().numpy())
+        self.model.train()
+        return np.concatenate(out) if out else np.empty(0)
 
     def _set_aside(self, table: WeightTable, draw: Draw, quarantine: Quarantine) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@ weight table, never the trainer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -30,6 +30,8 @@ class BatchRecord:
     norms     ||grad loss_i|| over the scored layers (scoring steps only)
     g_norm    ||G_val|| (scoring steps only)
     step      the trainer step the batch trains (0-based)
+    loss_of   the current model's per-sample losses on any Sample dicts, (n,), no gradient (every step:
+              rules that compare a sample's loss with the validation set's use it)
     """
 
     step: int
@@ -40,6 +42,7 @@ class BatchRecord:
     dots: np.ndarray | None = None
     norms: np.ndarray | None = None
     g_norm: float | None = None
+    loss_of: Callable[[Sequence[dict[str, Any]]], np.ndarray] | None = None
 
     @property
     def scored(self) -> bool:
@@ -68,6 +71,9 @@ class Weighting:
     def __init__(self, settings: TrainerSettings, device: torch.device | None = None) -> None:
         self.settings = settings
         self.device = device or torch.device("cpu")
+        # long work inside a rule (training a reference model) calls this now and then: the trainer sets it
+        # to renew its lease, so a rule that trains for longer than the lease's TTL does not lose it
+        self.heartbeat: Callable[[], None] = lambda: None
 
     def attach(self, table: WeightTable) -> None:
         """Declare this rule's columns on ``table`` (a new table, or one restored from a checkpoint)."""
@@ -100,6 +106,10 @@ class Weighting:
         evidence should fade)."""
 
     def state(self) -> dict[str, Any]:
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """What the trainer status publishes about the rule (``/v1/stats`` trainer.weighting)."""
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:

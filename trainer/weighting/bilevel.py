@@ -53,6 +53,8 @@ warmup_steps).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -61,18 +63,33 @@ import numpy as np
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting.base import BatchRecord, Weighting, normalise, shared_weights
+from trainer.weighting.teacher import Teacher
+
+log = logging.getLogger("datadiet.trainer")
 
 EPS = 1e-12
 MIN_NOISE_OBS = 200  # revisits before the per-sample score's reliability counts as measured
 UNKNOWN_PRIOR_VISITS = 1e6  # until then: no per-sample term, sources only
 VALIDATION_CHANGE_DECAY = 0.25
+TEACHER_CALIBRATE_EVERY = 50  # steps between teacher calibrations against the current model
+TEACHER_PRIOR_ROWS = 10.0  # an unjudged row: its source's mean P(right), shrunk by this many rows
+GUARD_CLIMB = 0.2  # a validation loss this far above its best counts as climbing (relative)
+GUARD_CONCENTRATED = 0.5  # ... while the weights' effective sample size is below this fraction
+GUARD_MIN_TEMPERATURE = 1 / 16
+GUARD_RECOVER = 1.25  # the temperature's growth per check once the loss is back
 
 
 class Bilevel(Weighting):
     name: ClassVar[str] = "bilevel"
     needs_scores: ClassVar[bool] = True
     # per row: sum_visits c_i, and v_i, the visits behind it (decayed when the task changes)
-    columns: ClassVar[dict[str, type]] = {"score_sum": np.float32, "evidence": np.uint16}
+    # teacher: t_i = log P(right target) from the trusted-set teacher (trainer/weighting/teacher.py), 0 while
+    # not yet measured (a measured t_i is < 0)
+    columns: ClassVar[dict[str, type]] = {
+        "score_sum": np.float32,
+        "evidence": np.uint16,
+        "teacher": np.float32,
+    }
 
     def __init__(self, settings: TrainerSettings, device: Any = None) -> None:
         super().__init__(settings, device)
@@ -82,6 +99,13 @@ class Bilevel(Weighting):
         self.noise2 = 0.0  # the variance of one visit's score around the sample's own mean
         self.noise_obs = 0.0  # how many revisits noise2 has seen
         self.noise_batches = 0
+        self.teacher = Teacher(settings, self.device) if settings.teacher else None
+        self.teacher_version: int | None = None  # the validation version the teacher column was measured by
+        self.teacher_state: dict[str, Any] = {}  # a resumed run's teacher calibration, until it is fitted
+        self.temperature = 1.0  # the guard's factor on the learned logits (_guard)
+        self.best_val_loss = math.inf  # the lowest validation loss the guard saw under this set
+        self.guard_trips = 0
+        self.guard_version: int | None = None
 
     @property
     def prior_visits(self) -> float:
@@ -104,6 +128,8 @@ class Bilevel(Weighting):
             self.source_raw = np.concatenate([self.source_raw, pad])
 
     def observe(self, table: WeightTable, batch: BatchRecord) -> None:
+        if self.teacher is not None:
+            self._teach(table, batch)
         if batch.dots is None or batch.norms is None or batch.g_norm is None:
             return
         s, rows = self.settings, batch.rows
@@ -138,6 +164,69 @@ class Bilevel(Weighting):
         )
         self.source_count = count
 
+    def _teach(self, table: WeightTable, batch: BatchRecord) -> None:
+        """Recalibrate the teacher now and then; judge the batch's rows it has not judged yet (t_i, from
+        the losses the model gave them before this step trained on them: their first visit)."""
+        assert self.teacher is not None
+        if batch.loss_of is not None and (
+            not self.teacher.ready or batch.step % TEACHER_CALIBRATE_EVERY == 0
+        ):
+            self.teacher.calibrate(batch.loss_of)
+        if not self.teacher.ready or batch.losses is None:
+            return
+        teacher = self.col(table, "teacher")
+        rows, first = np.unique(batch.rows, return_index=True)
+        new = teacher[rows] == 0
+        if new.any():
+            idx = first[new]
+            teacher[rows[new]] = self.teacher.judge([batch.payloads[i] for i in idx], batch.losses[idx])
+
+    def _guard(self, table: WeightTable, val_loss: float) -> None:
+        """A trust region on the learned (hypergradient) logits: when the validation loss has climbed
+        ``GUARD_CLIMB`` above its best under this validation set while the weights are concentrated (Kish's
+        effective sample size below ``GUARD_CONCENTRATED`` of the live rows), the logits' temperature
+        halves and the source estimates keep only half their evidence, so a wrong estimate is re-learnt
+        instead of reinforced; once the loss is back within half the margin the temperature recovers by
+        ``GUARD_RECOVER`` per check. The teacher's term is calibrated on the validation set itself and is
+        not tempered."""
+        if not math.isfinite(val_loss):
+            return
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        w = table.weight[table.alive].astype(np.float64)
+        ess = float(w.sum() ** 2 / max(len(w) * float((w**2).sum()), EPS)) if len(w) else 1.0
+        climbed = val_loss > self.best_val_loss * (1 + GUARD_CLIMB)
+        if climbed and ess < GUARD_CONCENTRATED and self.temperature > GUARD_MIN_TEMPERATURE:
+            self.temperature = max(GUARD_MIN_TEMPERATURE, self.temperature / 2)
+            self.source_count *= 0.5
+            self.guard_trips += 1
+            log.warning(
+                "validation loss %.4f is %.0f%% above its best (%.4f) while the weights are concentrated "
+                "(effective sample size %.2f of the samples): softening the learned weights (temperature %.3f)",
+                val_loss,
+                100 * (val_loss / self.best_val_loss - 1),
+                self.best_val_loss,
+                ess,
+                self.temperature,
+            )
+        elif val_loss <= self.best_val_loss * (1 + GUARD_CLIMB / 2):
+            self.temperature = min(1.0, self.temperature * GUARD_RECOVER)
+
+    def teacher_logits(self, table: WeightTable) -> np.ndarray:
+        """t_i for every row: measured, else the log of its source's mean P(right) over the measured rows
+        (shrunk toward the mean over all sources by ``TEACHER_PRIOR_ROWS`` rows: an unjudged sample's
+        expected factor); 0 everywhere without a teacher."""
+        t = self.col(table, "teacher")[: table.n].astype(np.float64)
+        known = t < 0
+        if self.teacher is None or not known.any():
+            return np.zeros(table.n)
+        src = table.source.astype(np.int64)
+        n_src = len(table.sources)
+        p = np.exp(t[known])
+        count = np.bincount(src[known], minlength=n_src)
+        total = np.bincount(src[known], weights=p, minlength=n_src)
+        source_p = (total + TEACHER_PRIOR_ROWS * float(p.mean())) / (count + TEACHER_PRIOR_ROWS)
+        return np.where(known, t, np.log(source_p)[src])
+
     def logits(self, table: WeightTable, step: int) -> np.ndarray:
         """z_i for every row (see the module docstring)."""
         s = self.settings
@@ -156,10 +245,10 @@ class Bilevel(Weighting):
         z_src = np.clip(s.source_scale * penalty / sig, -s.max_logit, s.max_logit)  # (n_sources,)
         z_smp = np.clip(s.sample_scale * trust * (mean - source[src]) / sig, -s.max_logit, s.max_logit)
         ramp = min(1.0, step / s.warmup_steps) if s.warmup_steps else 1.0
-        return ramp * (z_src[src] + z_smp)
+        return ramp * self.temperature * (z_src[src] + z_smp) + s.teacher_scale * self.teacher_logits(table)
 
     def weights(self, table: WeightTable, step: int) -> np.ndarray:
-        if self.sig2 == 0:
+        if self.sig2 == 0 and not (self.col(table, "teacher")[: table.n] < 0).any():
             return super().weights(table, step)
         z = self.logits(table, step)
         mode = self.settings.share_copies
@@ -170,7 +259,20 @@ class Bilevel(Weighting):
     def on_validation(
         self, table: WeightTable, samples: Sequence[dict[str, Any]], version: int, *, task_changed: bool
     ) -> None:
-        """Old evidence fades when the task changes, so new scores must dominate quickly."""
+        """Old evidence fades when the task changes, so new scores must dominate quickly; the teacher is
+        trained on the new set (and again on a resumed run: it is deterministic given the set and the seed,
+        so the column it measured stays valid)."""
+        if self.teacher is not None:
+            same = version == self.teacher_version
+            if not same:
+                self.col(table, "teacher")[: table.n] = 0  # judged by another set's teacher: judge again
+                self.teacher_version = version
+            self.teacher.fit(samples, self.heartbeat)
+            if same and self.teacher_state:  # a resumed run: the calibration it had at that step
+                self.teacher.load_state(self.teacher_state)
+            self.teacher_state = {}
+        if version != self.guard_version:
+            self.best_val_loss, self.temperature, self.guard_version = math.inf, 1.0, version
         if not task_changed:
             return
         n = table.n
@@ -187,7 +289,21 @@ class Bilevel(Weighting):
             "noise2": self.noise2,
             "noise_obs": self.noise_obs,
             "noise_batches": self.noise_batches,
+            "teacher_version": self.teacher_version,
+            "teacher": self.teacher.state() if self.teacher is not None else {},
+            "guard": {
+                "temperature": self.temperature,
+                "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+                "trips": self.guard_trips,
+                "version": self.guard_version,
+            },
         }
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"temperature": round(self.temperature, 4), "guard_trips": self.guard_trips}
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.report()
+        return out
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.source_count = np.asarray(state.get("source_count", []), dtype=np.float64)
@@ -199,3 +315,12 @@ class Bilevel(Weighting):
         self.noise2 = float(state.get("noise2", 0.0))
         self.noise_obs = float(state.get("noise_obs", 0.0))
         self.noise_batches = int(state.get("noise_batches", 0))
+        version = state.get("teacher_version")
+        self.teacher_version = None if version is None else int(version)
+        self.teacher_state = dict(state.get("teacher", {}))  # applied once the teacher is fitted again
+        guard = state.get("guard", {})
+        self.temperature = float(guard.get("temperature", 1.0))
+        best = guard.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        self.guard_trips = int(guard.get("trips", 0))
+        self.guard_version = guard.get("version")

@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from trainer.models import TrainModel, build_model
+from trainer.models import TrainModel
 from trainer.models.base import to_device
 from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting.base import IMPORTANCE_FLOOR, BatchFrom, BatchRecord, Weighting
+from trainer.weighting.teacher import train_reference
 
 SELECT_FRACTION = 0.25
 IL_STEPS = 300
@@ -54,7 +55,7 @@ class RhoLoss(Weighting):
         if not self.validation or batch.losses is None:  # nothing trusted yet: a plain step
             return None
         if self.il_model is None or self.il_version != self.version:
-            self.il_model = train_irreducible(self.settings, self.validation, self.device)
+            self.il_model = train_irreducible(self.settings, self.validation, self.device, self.heartbeat)
             self.il_version = self.version
         il = per_sample_loss(self.il_model, batch.payloads, self.device)  # (B,)
         return select_top(batch.losses - il, SELECT_FRACTION)
@@ -80,24 +81,12 @@ def per_sample_loss(model: TrainModel, samples: Sequence[Any], device: torch.dev
 
 
 def train_irreducible(
-    settings: TrainerSettings, samples: list[dict[str, Any]], device: torch.device
+    settings: TrainerSettings, samples: list[dict[str, Any]], device: torch.device, heartbeat: Any = None
 ) -> TrainModel:
     """A fresh model of the trainer's kind and config, trained on ``samples`` (the validation set) for
-    IL_STEPS AdamW steps of mean loss on batches drawn with replacement. The global torch RNG is left as
-    it was, so the main model's run does not depend on whether this one was trained."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed + 1)
-        model = build_model(settings.model, settings.model_params).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    rng = np.random.default_rng([settings.seed, 1])
-    k = min(settings.batch_size, len(samples))
-    model.train()
-    for _ in range(IL_STEPS):
-        idx = rng.integers(len(samples), size=k)
-        batch = to_device(model.collate([samples[i] for i in idx]), device)
-        loss = model.per_sample_loss(batch).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.eval()
+    IL_STEPS AdamW steps of mean loss on batches drawn with replacement (trainer/weighting/teacher.py
+    ``train_reference``; the global torch RNG is left as it was)."""
+    model, _ = train_reference(
+        settings, samples, device, seed=1, steps=IL_STEPS, heartbeat=heartbeat or (lambda: None)
+    )
+    return model

@@ -1,0 +1,179 @@
+"""The trusted set as a teacher (trainer/weighting/teacher.py): its calibration against a reference
+implementation, its judgement of right and wrong targets from the first visit, its reliability gate (a
+teacher that cannot tell right from wrong changes nothing), and its place in the bilevel weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from tests.trainer.conftest import MLP, blobs
+from trainer.models import build_model
+from trainer.settings import TrainerSettings
+from trainer.table import WeightTable
+from trainer.weighting.base import BatchRecord
+from trainer.weighting.bilevel import Bilevel
+from trainer.weighting.teacher import Teacher, derange_targets, fit_logistic, log_loss, roc_auc
+
+VALIDATION = blobs(80, 21, source="val", noisy=False, prefix="v")
+POOL_RIGHT = blobs(200, 22, source="a", noisy=False, prefix="r")
+POOL_WRONG = [s for s in blobs(400, 23, source="b", noisy=True, prefix="w") if s["meta"]["corrupted"]][:200]
+
+
+def settings(**overrides: Any) -> TrainerSettings:
+    values: dict[str, Any] = {"model": "mlp", "model_params": MLP, **overrides}
+    return TrainerSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def untrained_losses(samples: list[dict[str, Any]]) -> np.ndarray:
+    """The per-sample losses of a fresh model: what the main model gives before it has learnt anything."""
+    torch.manual_seed(0)
+    model = build_model("mlp", MLP).eval()
+    with torch.no_grad():
+        return model.per_sample_loss(model.collate(samples)).double().numpy()
+
+
+def test_the_calibration_is_the_class_balanced_logistic_regression_of_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-1.0, 1.0, (300, 2)), rng.normal(0.5, 1.0, (100, 2))])
+    y = np.concatenate([np.ones(300), np.zeros(100)])
+    ours = fit_logistic(x, y, penalty=1.0)
+    # scikit-learn's objective: C * sum_i cw_i logloss_i + |b|^2 / 2, intercept unpenalised
+    ref = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(ours, [ref.intercept_[0], *ref.coef_[0]], rtol=1e-4, atol=1e-6)
+
+
+def test_roc_auc_matches_scikit_learn_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    pos, neg = rng.integers(0, 5, 50).astype(float), rng.integers(1, 6, 70).astype(float)
+    expected = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], np.r_[pos, neg])
+    assert roc_auc(pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
+def test_deranged_targets_never_keep_their_own_and_drop_unchanged_pairs() -> None:
+    samples = [{"input": [float(i)], "target": i % 3} for i in range(30)]
+    moved = derange_targets(samples, np.random.default_rng(2))
+    assert 0 < len(moved) < 30  # some moves land on the same class and are left out
+    originals = {tuple(s["input"]): s["target"] for s in samples}
+    assert all(m["target"] != originals[tuple(m["input"])] for m in moved)
+    assert {m["target"] for m in moved} <= {0, 1, 2}
+
+
+def test_a_teacher_trained_on_the_trusted_set_separates_right_from_wrong_targets_on_first_sight() -> None:
+    """Before the main model has learnt anything (its losses say nothing), the reference models trained on
+    80 trusted samples judge pool samples they never saw: wrong labels get a much lower P(right)."""
+    teacher = Teacher(settings(), torch.device("cpu"))
+    teacher.fit(VALIDATION)
+    assert teacher.reference_auc > 0.9 and teacher.models  # reliable: kept
+    teacher.calibrate(untrained_losses)
+    assert teacher.ready and teacher.auc > 0.9
+    right = teacher.judge(POOL_RIGHT, untrained_losses(POOL_RIGHT))
+    wrong = teacher.judge(POOL_WRONG, untrained_losses(POOL_WRONG))
+    assert roc_auc(right, wrong) > 0.95
+    assert np.exp(right).mean() > 0.8 and np.exp(wrong).mean() < 0.2
+    assert (right < 0).all() and (wrong >= -8.0).all()  # log-probabilities within the floor
+
+
+def test_a_teacher_that_cannot_tell_right_from_wrong_changes_nothing() -> None:
+    """Labels unrelated to the inputs: no model can learn the task from the trusted set, the reference
+    models are not used, and every sample gets about the same P(right), so normalised weights do not move."""
+    rng = np.random.default_rng(3)
+    val = [{**s, "target": int(rng.integers(0, MLP["n_classes"]))} for s in VALIDATION]
+    pool = [{**s, "target": int(rng.integers(0, MLP["n_classes"]))} for s in POOL_RIGHT]
+    teacher = Teacher(settings(), torch.device("cpu"))
+    teacher.fit(val)
+    assert not teacher.models  # below MIN_REFERENCE_AUC: no forward per sample for nothing
+    teacher.calibrate(untrained_losses)
+    p = np.exp(teacher.judge(pool, untrained_losses(pool)))
+    assert p.max() / p.min() < 1.5
+
+
+def test_the_main_models_own_losses_judge_once_it_has_learnt_the_task() -> None:
+    """With no reference models (too small a trusted set for them), a main model that has learnt the task
+    still judges: its loss on a sample, set against its losses on the trusted set's right and wrong pairs."""
+    teacher = Teacher(settings(), torch.device("cpu"))
+    teacher.fit(VALIDATION)
+    teacher.models = []  # the main model's losses alone
+    torch.manual_seed(0)
+    main = build_model("mlp", MLP)
+    opt = torch.optim.AdamW(main.parameters(), lr=1e-2)
+    train = blobs(500, 24, source="x", noisy=False, prefix="t")
+    for _ in range(100):
+        opt.zero_grad()
+        main.per_sample_loss(main.collate(train)).mean().backward()
+        opt.step()
+
+    def loss_of(samples: list[dict[str, Any]]) -> np.ndarray:
+        return np.exp(log_loss(main, samples, torch.device("cpu"))) - 1e-4
+
+    teacher.calibrate(loss_of)
+    assert len(teacher.coef) == 2 and teacher.auc > 0.9
+    right, wrong = (
+        teacher.judge(POOL_RIGHT, loss_of(POOL_RIGHT)),
+        teacher.judge(POOL_WRONG, loss_of(POOL_WRONG)),
+    )
+    assert roc_auc(right, wrong) > 0.95
+
+
+def test_fitting_leaves_the_global_rng_alone_and_is_deterministic() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = Teacher(settings(), torch.device("cpu"))
+    a.fit(VALIDATION)
+    assert torch.equal(torch.rand(3), expected)
+    b = Teacher(settings(), torch.device("cpu"))
+    b.fit(VALIDATION)
+    a.calibrate(untrained_losses)
+    b.calibrate(untrained_losses)
+    assert a.coef == b.coef and a.steps == b.steps
+
+
+def test_bilevel_weights_carry_the_teachers_judgement_from_the_first_visit() -> None:
+    """One step, no scores yet: the rows the teacher judged wrong already weigh less than the right ones,
+    and unjudged rows of a source start at that source's mean judgement."""
+    s = settings()
+    rule = Bilevel(s)
+    table = WeightTable()
+    rule.attach(table)
+    pool = POOL_RIGHT[:100] + POOL_WRONG[:100]
+    # rows 200-219: more of source a's samples, not in the batch (never judged)
+    table.add(np.arange(220), np.arange(220, dtype=np.uint64), ["a"] * 100 + ["b"] * 100 + ["a"] * 20)
+    rule.on_validation(table, VALIDATION, 1, task_changed=False)
+    rows = np.arange(200)
+    batch = BatchRecord(
+        0, rows, np.full(200, 1 / 200), pool, losses=untrained_losses(pool), loss_of=untrained_losses
+    )
+    rule.observe(table, batch)
+    w = rule.weights(table, 0)
+    assert w[:100].mean() > 4 * w[100:200].mean()
+    assert roc_auc(w[:100], w[100:200]) > 0.95
+    np.testing.assert_allclose(w[200:].mean(), w[:100].mean(), rtol=0.1)  # unjudged: the source's mean
+
+
+def test_a_new_validation_set_clears_the_old_judgements() -> None:
+    rule = Bilevel(settings())
+    table = WeightTable()
+    rule.attach(table)
+    table.add(np.arange(50), np.arange(50, dtype=np.uint64), ["a"] * 50)
+    rule.on_validation(table, VALIDATION, 1, task_changed=False)
+    pool = POOL_RIGHT[:50]
+    rule.observe(
+        table,
+        BatchRecord(
+            0, np.arange(50), np.full(50, 0.02), pool, untrained_losses(pool), loss_of=untrained_losses
+        ),
+    )
+    assert (rule.col(table, "teacher")[:50] < 0).all()
+    rule.on_validation(table, VALIDATION[:40], 2, task_changed=True)
+    assert (rule.col(table, "teacher")[:50] == 0).all()
