@@ -219,8 +219,9 @@ def execute(specs: list[RunSpec], workers: int, workdir: Path) -> list[RunResult
         for spec in specs:
             futures[(spec.scenario, spec.rate, spec.method, spec.seed)] = pool.submit(job, spec)
         results = [f.result() for f in futures.values()]
+    order = METHODS + ABLATIONS
     return sorted(results, key=lambda r: (SCENARIOS.index(r.spec.scenario), _rate_order(r.spec.rate),
-                                          (METHODS + ABLATIONS).index(r.spec.method), r.spec.seed))  # fmt: skip
+                                          order.index(r.spec.method), r.spec.seed))  # fmt: skip
 
 
 def _rate_order(rate: float | None) -> float:

@@ -124,7 +124,7 @@ def targets(results: list[RunResult]) -> list[str]:
         if math.isfinite(o):
             line(b >= 0.98 * o, f"{scn}: bilevel test acc {b:.3f} >= 98% of oracle {o:.3f} "
                  f"(= {0.98 * o:.3f}); margin {b - 0.98 * o:+.3f}")  # fmt: skip
-        others = {m: acc(scn, m) for s, m in g if s == scn and m not in ("bilevel", "oracle") and not m.startswith("bilevel-")}
+        others = {m: acc(scn, m) for s, m in g if s == scn and not m.startswith("bilevel") and m != "oracle"}
         others = {m: v for m, v in others.items() if math.isfinite(v)}
         if others:
             best = max(others, key=lambda m: others[m])

@@ -201,7 +201,8 @@ class Bilevel(Weighting):
             self.guard_trips += 1
             log.warning(
                 "validation loss %.4f is %.0f%% above its best (%.4f) while the weights are concentrated "
-                "(effective sample size %.2f of the samples): softening the learned weights (temperature %.3f)",
+                "(effective sample size %.2f of the samples): softening the learned weights "
+                "(temperature %.3f)",
                 val_loss,
                 100 * (val_loss / self.best_val_loss - 1),
                 self.best_val_loss,
