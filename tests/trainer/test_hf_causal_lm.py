@@ -174,6 +174,8 @@ def test_config_errors_are_clear(tokenizer: str, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelNotFound, match=str(missing)):
         build_model("hf-causal-lm", {"path": str(missing)})
+    with pytest.raises(ModelNotFound, match=r"no-such\.gguf"):
+        build_model("hf-causal-lm", {"path": str(tmp_path), "gguf_file": "no-such.gguf"})
 
 
 def test_the_core_imports_without_transformers() -> None:

@@ -470,6 +470,10 @@ def _gguf_as_safetensors(transformers: Any, directory: Path, name: str) -> str:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=torch.float32, **kwargs
         )
+        # dequantized on load: what remains of the GGUF "quantizer" only stops save_pretrained
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         transformers.AutoTokenizer.from_pretrained(str(directory), **kwargs).save_pretrained(tmp)
         tmp.rename(cache)  # atomic: a reader sees the whole directory or none
