@@ -81,6 +81,14 @@ class TrainerSettings(Settings):
     teacher_scale: float = Field(
         1.0, ge=0, description="the teacher's log-probability's factor in a sample's logit (1: weight x P)"
     )
+    familiar_quantile: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a sample whose first loss is below this quantile of unseen validation items' losses "
+        "counts as partly familiar (a near-copy of learnt content) and weighs less; 0: off "
+        "(trainer/weighting/teacher.py familiarity)",
+    )
     share_copies: Literal["excess", "all", "none"] = Field(
         "excess",
         description="excess: the copies a source posts beyond the other sources' rate of that content "

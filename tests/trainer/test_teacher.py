@@ -90,7 +90,7 @@ def test_a_teacher_that_cannot_tell_right_from_wrong_changes_nothing() -> None:
     rng = np.random.default_rng(3)
     val = [{**s, "target": int(rng.integers(0, MLP["n_classes"]))} for s in VALIDATION]
     pool = [{**s, "target": int(rng.integers(0, MLP["n_classes"]))} for s in POOL_RIGHT]
-    teacher = Teacher(settings(), torch.device("cpu"))
+    teacher = Teacher(settings(familiar_quantile=0), torch.device("cpu"))
     teacher.fit(val)
     assert not teacher.models  # below MIN_REFERENCE_AUC: no forward per sample for nothing
     teacher.calibrate(untrained_losses)
@@ -114,7 +114,7 @@ def test_the_main_models_own_losses_judge_once_it_has_learnt_the_task() -> None:
         opt.step()
 
     def loss_of(samples: list[dict[str, Any]]) -> np.ndarray:
-        return np.exp(log_loss(main, samples, torch.device("cpu"))) - 1e-4
+        return np.exp(log_loss(main, samples, torch.device("cpu"))) - 1e-7
 
     teacher.calibrate(loss_of)
     assert len(teacher.coef) == 2 and teacher.auc > 0.9
@@ -177,3 +177,22 @@ def test_a_new_validation_set_clears_the_old_judgements() -> None:
     assert (rule.col(table, "teacher")[:50] < 0).all()
     rule.on_validation(table, VALIDATION[:40], 2, task_changed=True)
     assert (rule.col(table, "teacher")[:50] == 0).all()
+
+
+def test_familiarity_shrinks_a_sample_by_how_far_its_loss_lies_below_unseen_items() -> None:
+    """The validation samples' losses under the current model are what a new, distinct item gets: a sample
+    below nearly all of them (a near-copy of learnt content) weighs less, the further below the less, and
+    a sample among them keeps its full weight."""
+    teacher = Teacher(settings(), torch.device("cpu"))
+    teacher.fit(VALIDATION)
+    teacher.calibrate(untrained_losses)
+    n = len(teacher.unseen)
+    x = np.log(np.sort(untrained_losses(VALIDATION)) + 1e-7)
+    f = teacher.familiarity(np.array([x[0] - 5.0, x[0], x[2], x[n // 2], x[-1] + 1.0]))
+    assert f[0] == pytest.approx(0.5 / (n + 1) / 0.05)  # below every unseen item: the floor
+    assert f[0] < f[1] < f[2] < 1.0  # graded: the further below, the smaller
+    assert f[3] == 1.0 and f[4] == 1.0  # among (or above) the unseen items: full weight
+    off = Teacher(settings(familiar_quantile=0), torch.device("cpu"))
+    off.fit(VALIDATION)
+    off.calibrate(untrained_losses)
+    assert (off.familiarity(x - 5.0) == 1).all()

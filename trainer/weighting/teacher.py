@@ -11,7 +11,7 @@ can be trusted depends on the task and on the set's size, so it is measured, cro
     folds F_1, F_2       a seeded random halving of the validation set V
     theta_k              a fresh model of the trainer's kind, trained on V \\ F_k (AdamW, mean loss) and
                          stopped at its lowest loss on F_k (checked every ``EVAL_EVERY`` steps)
-    x = log(loss + 1e-4)  under theta_k, on F_k as it is (y = 1, right targets) and on F_k with targets
+    x = log(loss + 1e-7)  under theta_k, on F_k as it is (y = 1, right targets) and on F_k with targets
                          moved to other samples of F_k (y = 0, wrong targets: a derangement; pairs whose
                          target did not change are left out)
     LLR(x) = a + b x     logistic regression of y on x (Platt scaling, Platt 1999; an L2 penalty on b):
@@ -51,7 +51,7 @@ log = logging.getLogger("datadiet.trainer")
 MIN_SAMPLES = 16  # a smaller validation set gives no teacher (both halves must train and calibrate)
 EVAL_EVERY = 20  # steps between held-out checks while a fold model trains
 PATIENCE = 3  # held-out checks without improvement before a fold model stops
-LOSS_FLOOR = 1e-4  # x = log(loss + LOSS_FLOOR): a loss of 0 stays finite
+LOSS_FLOOR = 1e-7  # x = log(loss + LOSS_FLOOR): a loss of 0 stays finite (float32's resolution near 1)
 SLOPE_PENALTY = 1.0  # L2 penalty on the calibration slope b (x is in log-loss units, ~1)
 MIN_REFERENCE_AUC = 0.6  # reference models below this cross-fitted AUC are not used
 MIN_LOG_PROB = -8.0  # t_i is floored here: no sample weighs less than e^-8 of a plausible one for this
@@ -76,6 +76,7 @@ class Teacher:
         self.auc = math.nan  # the calibrated LLR's AUC on the validation pairs (0.5: no better than chance)
         self.steps: list[int] = []  # the steps each fold model stopped at
         self.val_loss = math.nan  # the current model's mean loss on the validation set, at calibration
+        self.unseen = np.empty(0)  # sorted x_model of the validation samples: unseen distinct items' losses
 
     @property
     def ready(self) -> bool:
@@ -134,6 +135,7 @@ class Teacher:
         right_loss = loss_of(self.right)
         self.val_loss = float(np.mean(right_loss))
         x_right = np.log(right_loss + LOSS_FLOOR)
+        self.unseen = np.sort(x_right)
         x_wrong = np.log(loss_of(self.wrong) + LOSS_FLOOR)
         cols_right, cols_wrong = [x_right], [x_wrong]
         if self.models:
@@ -147,21 +149,48 @@ class Teacher:
 
     @torch.no_grad()
     def judge(self, payloads: Sequence[dict[str, Any]], losses: np.ndarray) -> np.ndarray:
-        """t_i = log P(right target | the losses), (B,), in [MIN_LOG_PROB, 0), for samples the current
-        model gave ``losses`` (B,) before training on them. Raises RuntimeError before ``calibrate``."""
+        """t_i = log P(right target | the losses) + log f_i, (B,), in [MIN_LOG_PROB, 0), for samples the
+        current model gave ``losses`` (B,) before training on them (f_i: ``familiarity``). Raises
+        RuntimeError before ``calibrate``."""
         if not self.coef:
             raise RuntimeError("the teacher is not calibrated")
-        cols = [np.log(np.asarray(losses, dtype=np.float64) + LOSS_FLOOR)]
+        x_model = np.log(np.asarray(losses, dtype=np.float64) + LOSS_FLOOR)
+        cols = [x_model]
         if self.models:
             cols.insert(0, np.mean([log_loss(m, payloads, self.device) for m in self.models], axis=0))
         llr = self.coef[0] + np.stack(cols, 1) @ np.asarray(self.coef[1:])
         logp = -np.logaddexp(0.0, -llr)  # log sigma(llr)
-        return np.clip(logp, MIN_LOG_PROB, -1e-6)
+        return np.clip(logp + np.log(self.familiarity(x_model)), MIN_LOG_PROB, -1e-6)
+
+    def familiarity(self, x_model: np.ndarray) -> np.ndarray:
+        """f_i in (0, 1], (B,): how far a sample is from being a near-copy of something already learnt.
+
+            q_i = (#{unseen validation items with x < x_i, ties half} + 1/2) / (n_val + 1)
+                                        (the sample's place among the losses of distinct unseen items)
+            f_i = min(1, q_i / familiar_quantile)
+
+        The model has never trained on the validation samples, so their losses are what a new, distinct
+        item of the task gets now. A sample whose loss at first sight is below nearly all of theirs is one
+        the model has, in effect, already seen: a copy or near-copy of trained content (at whatever noise
+        level: the closer the copy, the lower its loss) or content learnt so well that it adds little
+        (RHO-LOSS skips such points too). Its weight shrinks with how far below it lies, down to
+        1 / (2 (n_val + 1) familiar_quantile). ``familiar_quantile`` = 0 turns this off."""
+        qf = self.settings.familiar_quantile
+        if qf <= 0 or not len(self.unseen):
+            return np.ones(len(x_model))
+        below = np.searchsorted(self.unseen, x_model, side="left")  # ties count half (mid-rank)
+        q = ((below + np.searchsorted(self.unseen, x_model, side="right")) / 2 + 0.5) / (len(self.unseen) + 1)
+        return np.minimum(1.0, q / qf)
 
     def state(self) -> dict[str, Any]:
         """The calibration (saved with the trainer state: the reference models are retrained on resume,
         deterministically, but the calibration belongs to the step it was made at)."""
-        return {"coef": self.coef, "auc": None if math.isnan(self.auc) else self.auc}
+        return {
+            "coef": self.coef,
+            "auc": None if math.isnan(self.auc) else self.auc,
+            "unseen": self.unseen.tolist(),
+            "val_loss": None if math.isnan(self.val_loss) else self.val_loss,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         coef = [float(c) for c in state.get("coef", [])]
@@ -169,6 +198,9 @@ class Teacher:
             self.coef = coef
             auc = state.get("auc")
             self.auc = math.nan if auc is None else float(auc)
+            self.unseen = np.asarray(state.get("unseen", []), dtype=np.float64)
+            val = state.get("val_loss")
+            self.val_loss = math.nan if val is None else float(val)
 
     def report(self) -> dict[str, Any]:
         """For the trainer status."""
