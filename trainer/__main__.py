@@ -6,7 +6,9 @@ DATADIET_MODEL=mlp DATADIET_MODEL_CONFIG='{"n_features": 64, "n_classes": 10}' p
 DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... python -m trainer
 
 One trainer trains a deployment at a time: a second one waits for the first's lease (store/lease.py), or
-exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out.
+exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out. A model
+that cannot be built (a missing model path, an unknown config key, an extra not installed) is one log line
+and exit status 78.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import make_engine, migrate
 from trainer.loop import Trainer
+from trainer.models.base import ModelNotFound
 from trainer.outage import DATABASE_ERRORS, Dependency
 from trainer.settings import TrainerSettings
+
+EXIT_CONFIG = 78  # EX_CONFIG: the model cannot be built from its settings (a missing path, a bad key)
 
 
 def main() -> int:
@@ -39,7 +44,12 @@ def main() -> int:
         # a hung Redis fails a call after 10 s (the longest blocking read is 1 s) instead of holding it
         client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
-        return Trainer(settings, feed, engine).run()
+        try:
+            trainer = Trainer(settings, feed, engine)
+        except (ModelNotFound, ImportError, ValueError) as e:  # DATADIET_MODEL / DATADIET_MODEL_CONFIG
+            logging.getLogger("datadiet.trainer").error("cannot build the %r model: %s", settings.model, e)
+            return EXIT_CONFIG
+        return trainer.run()
     finally:
         engine.dispose()
         if embedded is not None:

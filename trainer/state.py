@@ -161,7 +161,7 @@ def resume(t: Trainer, engine: Engine) -> None:
         )
         return
     loaded = load_checkpoint(row.path, sha256=row.sha256, device=model.device)
-    model.load_state_dict(loaded.module.state_dict())
+    model.load_checkpoint_tensors(loaded.module.checkpoint_tensors())  # a LoRA model: its adapters
     state = load_state(t.settings.data_dir, row.version)
     t.step = t.checkpointed_step = row.step
     if state is None:

@@ -286,3 +286,18 @@ def test_a_full_fine_tuning_checkpoint_holds_every_tensor_and_round_trips(
     with torch.no_grad():
         expected = model.per_sample_loss(model.collate(SAMPLES)).tolist()
     assert load_checkpoint(path).loss(SAMPLES) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_trainer_whose_model_path_is_missing_exits_at_start_naming_the_path(tmp_path: Path) -> None:
+    from store.processes import datadiet_env
+
+    missing = tmp_path / "no-such-model"
+    env = datadiet_env(
+        data_dir=str(tmp_path / "data"), model="hf-causal-lm", model_config=json.dumps({"path": str(missing)})
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 78, done.stderr[-2000:]
+    assert f"model path '{missing}' is not a directory" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -24,6 +24,10 @@ InputKind = Literal["text", "vector"]
 Batch = dict[str, Tensor]
 
 
+class ModelNotFound(FileNotFoundError):
+    """A model, weights file or tokenizer that a model config names is not there (nothing is downloaded)."""
+
+
 class TrainModel(nn.Module, ABC):
     """Base class of every model kind."""
 

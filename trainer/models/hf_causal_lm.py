@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.base import Batch, TrainModel, check_int, resolve_config, sample_values
+from trainer.models.base import Batch, ModelNotFound, TrainModel, check_int, resolve_config, sample_values
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,6 @@ DEFAULTS: dict[str, Any] = {
 }
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "target_modules": None, "dropout": 0.0}
 RANDOM_INIT_SEED = 0
-
-
-class ModelNotFound(FileNotFoundError):
-    """A configured model, GGUF file or tokenizer path does not exist (nothing is downloaded)."""
 
 
 # --- samples -------------------------------------------------------------------------------------------
