@@ -21,8 +21,17 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
     S-bar = sum_s mass_s S_s / sum_s mass_s                             the training mix's score (mass_s:
                                                                         the source's current weight)
     P_s  =  min(0, S_s - S-bar)                                         sources below the mix penalised
-    z_i  = ramp(step) (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
-    w_i  = exp(z_i) / |copies of i's content from i's source|,  then scaled so live weights average 1
+    h_i  = ramp(step) T (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
+    z_i  = h_i + l_t t_i                                                t_i: the trusted-set teacher's
+                                                                        log P(right target) + log
+                                                                        familiarity, from the sample's
+                                                                        first visit (teacher.py)
+    w_i  = exp(z_i) shared among a source's excess copies (base.py shared_weights), scaled so live
+           weights average 1
+
+T is the guard's temperature (1 unless the validation loss climbs 20% above its best while the weights are
+concentrated; then it halves, and recovers once the loss is back: ``_guard``). A row the teacher has not
+judged yet gets its source's mean P (its expected factor).
 
 The source term carries most of the signal early; the per-sample deviation, shrunk toward the source by
 r_i, separates good and bad samples within a source as visits accumulate. S_s averages over the last ~H of
@@ -46,9 +55,13 @@ near uniform within a source instead of following noise. ``ramp`` rises linearly
 ``warmup_steps``. Clipping the source and the sample parts separately keeps every sample within
 exp(+-2 z_max) of the others (nothing collapses to zero by noise, nothing takes everything) and lets
 the good samples of a heavily penalised source still rise above its bad ones.
+The teacher is what the trusted set knows beyond a direction: on digits it tells right from wrong labels
+at first sight (cross-fitted AUC ~0.95 from 100 images), where the one-step score needs several visits;
+on the arithmetic text streams its reference models are no better than chance at 100 trusted samples and
+are not used, and its judgement comes from the main model's own loss once it has learnt the task.
 Knobs and defaults: trainer/settings.py (scale_beta=b, source_horizon=H, source_prior_samples=n0,
 source_scale=l_src, sample_scale=l_smp, sample_prior_visits=v0_min, max_logit=z_max,
-warmup_steps).
+warmup_steps, teacher, teacher_scale=l_t, familiar_quantile). docs/weighting.md explains each.
 """
 
 from __future__ import annotations

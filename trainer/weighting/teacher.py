@@ -3,32 +3,40 @@ visit, with the teacher's own reliability measured on the trusted set itself.
 
 The one-step hypergradient score needs many visits per sample before it separates good from bad samples
 (one visit's noise is up to ~50x the spread between samples on the text streams, trainer/weighting/
-bilevel.py), and on a stream that outruns the trainer most samples are visited once. A model trained on
-the validation set alone (RHO-LOSS's irreducible-loss model, Mindermann et al. 2022) judges a sample from
-one forward pass: a target the trusted data makes unlikely has a high loss under it. How far that loss
-can be trusted depends on the task and on the set's size, so it is measured, cross-fitted on the set:
+bilevel.py), and on a stream that outruns the trainer most samples are visited once. Two models judge a
+sample from one forward pass each: a model trained on the validation set alone (RHO-LOSS's
+irreducible-loss model, Mindermann et al. 2022), and the main model itself, which has never trained on the
+validation samples. A target the trusted data makes unlikely has a high loss under them. How far each
+loss can be trusted depends on the task, on the set's size and on how far the main model has come, so it
+is measured on the set itself:
 
     folds F_1, F_2       a seeded random halving of the validation set V
-    theta_k              a fresh model of the trainer's kind, trained on V \\ F_k (AdamW, mean loss) and
+    theta_k              a fresh model of the trainer's kind, trained on V minus F_k (AdamW, mean loss) and
                          stopped at its lowest loss on F_k (checked every ``EVAL_EVERY`` steps)
-    x = log(loss + 1e-7)  under theta_k, on F_k as it is (y = 1, right targets) and on F_k with targets
-                         moved to other samples of F_k (y = 0, wrong targets: a derangement; pairs whose
-                         target did not change are left out)
-    LLR(x) = a + b x     logistic regression of y on x (Platt scaling, Platt 1999; an L2 penalty on b):
-                         the log-likelihood ratio of "right target" over "wrong target", equal priors
-    t_i  = log sigma( mean_k LLR(x_ik) )                 x_ik: sample i under theta_k (both unseen by it)
+    right / wrong pairs  each F_k as it is (y = 1), and with targets moved to other samples of F_k (y = 0:
+                         a derangement; pairs whose target did not change are left out)
+    x_ref   = log(loss + 1e-7) under theta_k, for a pair in F_k; for a stream sample, the mean over k
+    x_model = log(loss + 1e-7) under the current model (for a stream sample: at its first visit, before
+              the step trains on it)
+    LLR = a + b_ref x_ref + b_model x_model     logistic regression of y on the pairs' features (Platt
+                                                scaling, Platt 1999; class-balanced, an L2 penalty on b),
+                                                refitted every 50 steps as the model changes: the
+                                                log-likelihood ratio of "right target" over "wrong"
+    t_i = log sigma(LLR_i) + log f_i            f_i: ``familiarity`` (near-copies of learnt content)
 
-so a sample's weight picks up the factor exp(t_i) = P(right target | its losses): ~1 for a sample the
+so a sample's weight picks up the factor P(right target | its losses) f_i: ~1 for a new sample the
 teacher finds plausible, small for one it finds implausible, and the same for every sample (no effect
-after normalisation) when the teacher cannot tell right from wrong on its own held-out half (b ~ 0). This
-is the clean-probability weighting of noisy-label learning (DivideMix, Li et al. 2020, fits it with a
-two-component mixture on the training loss; here the two loss distributions are measured on trusted
-data instead of assumed). ``auc`` is the cross-fitted ROC AUC of -x for right over wrong targets: the
-teacher's reliability, logged at fit time and published in the trainer status.
+after normalisation) when neither model can tell right from wrong on the validation pairs (b ~ 0). The
+reference models are kept only when their own cross-fitted AUC reaches 0.6 (on the text tasks at 100
+trusted samples they reach ~0.55 and would cost two forwards per sample for nothing). This is the
+clean-probability weighting of noisy-label learning (DivideMix, Li et al. 2020, fits it with a
+two-component mixture on the training loss; here the two loss distributions are measured on trusted data
+instead of assumed). ``auc`` (the calibrated LLR's ROC AUC on the pairs) is the teacher's reliability,
+published in the trainer status (``/v1/stats`` trainer.weighting.teacher).
 
 What it cannot see: a wrong target the trusted data also makes likely (a plausible slip), and a target
 that is right but far from the trusted set's distribution (it is taken for wrong: the validation set must
-represent the task). Off-task samples usually have high loss under the teacher and are weighted down.
+represent the task). Off-task samples usually have high loss under both models and are weighted down.
 """
 
 from __future__ import annotations
