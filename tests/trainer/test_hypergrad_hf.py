@@ -182,3 +182,30 @@ def test_tied_scores_match_an_explicit_shared_gradient() -> None:
     assert scores is not None
     torch.testing.assert_close(scores[0], (per_W * G).sum(dim=(1, 2)))
     torch.testing.assert_close(scores[1], per_W.square().sum(dim=(1, 2)))
+
+
+def test_lora_over_a_bfloat16_base_keeps_float32_adapters_and_scores_them_exactly(tokenizer: str) -> None:
+    """What the trainer runs on CUDA ("dtype": "auto" with LoRA): a bf16 frozen base, float32 adapters."""
+    torch.manual_seed(0)
+    config = {
+        "config": LLAMA,
+        "tokenizer": tokenizer,
+        "lora": {"r": 4},
+        "dtype": "bfloat16",
+        "max_length": 96,
+    }
+    model = build_model("hf-causal-lm", config)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    batch = model.collate(TRAIN)
+    _, g_val = val_grad(model, model.collate(VAL))
+    coef = torch.full((len(TRAIN),), 0.25)
+    dots, norms = _ghost(model, batch, coef, g_val)  # type: ignore[arg-type]
+    ref_dots, ref_norms = reference_scores(model, batch, g_val)
+    torch.testing.assert_close(dots, ref_dots, rtol=1e-4, atol=1e-5 * ref_dots.abs().max().item())
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=0)

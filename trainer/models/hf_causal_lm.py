@@ -20,8 +20,10 @@ Config (``DATADIET_MODEL_CONFIG``; exactly one of ``path`` and ``config``):
                 2021, arXiv:2106.09685; target_modules null: PEFT's default for the architecture), or null
                 for full fine-tuning
     max_length  tokens per sample, prompt and target together (default 512; at most the model's context)
-    dtype       "auto" (bfloat16 when CUDA is available, else float32), "float32", "bfloat16", "float16": the
-                base weights' dtype. LoRA adapters stay float32 (PEFT's autocast_adapter_dtype)
+    dtype       the base weights' dtype: "auto" (bfloat16 for a LoRA model's frozen base when CUDA is
+                available, else float32: fully fine-tuned weights stay float32, as AdamW's small steps would
+                be lost in bfloat16; the trainer's bf16 autocast runs the matmuls in bf16 either way),
+                "float32", "bfloat16", "float16". LoRA adapters stay float32 (PEFT's autocast_adapter_dtype)
 
 Samples. ``input`` is a string or a conversation: a list of ``{"role": "system"|"user"|"assistant"|"tool",
 "content": str}`` messages (a string is one user message). The tokenizer's chat template renders it with
@@ -185,16 +187,12 @@ class HFCausalLM(TrainModel):
             from trainer.checkpoint import tensors_sha256
 
             self.base_sha256 = tensors_sha256(net.state_dict())
-        net.to(_resolve_dtype(cfg["dtype"]))
+        net.to(_resolve_dtype(cfg["dtype"], lora=cfg["lora"] is not None))
         if cfg["lora"] is not None:
             net = _add_lora(net, cfg["lora"])
-            self.adapter_names = sorted(n for n, p in self.named_parameters_of(net) if p.requires_grad)
+            self.adapter_names = sorted("net." + n for n, p in net.named_parameters() if p.requires_grad)
         self.net = net
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(_inner(net)).forward).parameters
-
-    @staticmethod
-    def named_parameters_of(net: nn.Module) -> list[tuple[str, Tensor]]:
-        return [("net." + n, p) for n, p in net.named_parameters()]
 
     # -- TrainModel ------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[Mapping[str, Any]]) -> Batch:
@@ -354,9 +352,9 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def _resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+def _resolve_dtype(name: str, *, lora: bool) -> torch.dtype:
+    if name == "auto":  # trained weights stay float32: AdamW steps below bf16's resolution would be lost
+        return torch.bfloat16 if lora and torch.cuda.is_available() else torch.float32
     return DTYPES[name]
 
 
