@@ -191,7 +191,7 @@ class HFCausalLM(TrainModel):
         if cfg["lora"] is not None:
             net = _add_lora(net, cfg["lora"])
             self.adapter_names = sorted("net." + n for n, p in net.named_parameters() if p.requires_grad)
-        self.net = net
+        self.net: Any = net  # a transformers PreTrainedModel, or a peft PeftModel around one
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(_inner(net)).forward).parameters
 
     # -- TrainModel ------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class HFCausalLM(TrainModel):
             answers.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return answers
 
-    def scored_modules(self) -> list[nn.Module]:
+    def scored_modules(self) -> list[Any]:
         """Trainable ``nn.Linear`` and GPT-2 ``Conv1D`` layers (with LoRA: the adapters' lora_A and
         lora_B), in module order; a trainable output head tied to the input embedding comes as one
         ``hypergrad.TiedEmbedding`` in its place."""
@@ -291,7 +291,7 @@ class HFCausalLM(TrainModel):
             and head.weight is embedding.weight
             and head.weight.requires_grad
         )
-        out: list[nn.Module] = []
+        out: list[Any] = []
         for m in self.net.modules():
             if tied and m is head:
                 out.append(TiedEmbedding(embedding, head))
