@@ -1,7 +1,8 @@
 """The sampler: draw probabilities from the weights, and each step's batch with its importance weights.
 
 A batch is ``unscored_fraction`` of rows from the unscored queue (samples scored fewer than ``min_visits``
-times, oldest first) on scoring steps, the rest drawn from the sum tree with probability
+times, oldest first; a well-estimated source's queued rows are taken in proportion to their weight, the
+rest leave the queue: ``_by_weight``) on scoring steps, the rest drawn from the sum tree with probability
 
     q_i = (1 - explore) w_i / sum_j w_j + explore / n_live            an exploration floor (explore)
 
@@ -14,6 +15,7 @@ weighted one whatever was drawn (importance sampling, as in prioritized replay, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +80,35 @@ class Sampler:
         table.unscored = RowQueue(queued[keep])
         return int((~keep).sum())
 
+    def _by_weight(self, table: WeightTable) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The scoring budget's filter on the unscored queue (``weighted_scoring``): a queued row of a
+        well-estimated source (``source_scoring_target`` samples scored) is taken with probability
+        min(1, w_i / mean live weight), else it leaves the queue and stays in the table, drawn by its
+        weight. Scoring then goes where the weight is, and a source weighted down is scored on a random
+        subsample of its arrivals in proportion to its weight, enough to keep its estimate and to find
+        its good samples, instead of every one of its samples three times (on the redundancy stream,
+        83% of the arrivals are a flood that weighs nothing, and filled nearly half of every batch)."""
+        if not self.settings.weighted_scoring:
+            return None
+        scored = np.zeros(len(table.sources), dtype=np.int64)
+        scored[: len(table.scored_per_source)] = table.scored_per_source[: len(table.sources)]
+        estimated = scored >= self.settings.source_scoring_target  # (n_sources,)
+        alive = table.alive
+        mean_w = float(table.weight[alive].mean()) if alive.any() else 1.0
+
+        def accept(rows: np.ndarray) -> np.ndarray:
+            p = np.minimum(1.0, table.cols["weight"][rows].astype(np.float64) / max(mean_w, 1e-12))
+            keep = ~estimated[table.cols["source"][rows].astype(np.int64)]
+            return keep | (self.rng.random(len(rows)) < p)
+
+        return accept
+
     def draw(self, table: WeightTable, cache: PayloadCache, *, from_queue: bool) -> Draw:
         """One batch; evicted samples are dropped (and their rows killed), samples whose payload Redis
         cannot give now are skipped (queued ones go back in the queue)."""
         s, t = self.settings, table
         n_queue = int(s.batch_size * s.unscored_fraction)
-        from_q = t.take_unscored(n_queue) if from_queue else np.empty(0, np.int64)
+        from_q = t.take_unscored(n_queue, self._by_weight(t)) if from_queue else np.empty(0, np.int64)
         drawn = t.draw(s.batch_size - len(from_q), self.rng) if t.tree.total > 0 else np.empty(0, np.int64)
         rows = np.concatenate([from_q, drawn]).astype(np.int64)
         w = t.weight[rows].astype(np.float64)

@@ -50,6 +50,11 @@ class TrainerSettings(Settings):
     source_scoring_target: int = Field(
         200, ge=0, description="a source (cohort) with fewer scored samples keeps all its samples queued"
     )
+    weighted_scoring: bool = Field(
+        True,
+        description="queued samples of a source with source_scoring_target samples scored are scored in "
+        "proportion to their weight (the rest are drawn by weight, unqueued): trainer/sampler.py",
+    )
     min_visits: int = Field(
         3, ge=1, description="a sample stays in the priority queue until scored this often"
     )

@@ -11,7 +11,7 @@ live sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -257,12 +257,16 @@ class WeightTable:
     def draw(self, k: int, rng: np.random.Generator) -> np.ndarray:
         return self.tree.sample(k, rng)
 
-    def take_unscored(self, k: int) -> np.ndarray:
+    def take_unscored(self, k: int, accept: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Up to ``k`` live rows from the unscored queue, oldest first; with ``accept`` (rows -> (n,) bool),
+        the popped rows it refuses leave the queue without being taken."""
         out: list[np.ndarray] = []
         need, alive = k, self.cols["alive"]
         while need > 0 and len(self.unscored):
             rows = self.unscored.pop(need)
             rows = rows[alive[rows]]
+            if accept is not None and len(rows):
+                rows = rows[accept(rows)]
             out.append(rows)
             need -= len(rows)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)

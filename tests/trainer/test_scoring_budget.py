@@ -40,3 +40,45 @@ def test_the_unscored_queue_is_bounded_and_keeps_sources_not_yet_estimated_whole
     old = queued[queued < 200]
     assert len(old) == 50 and old.max() > 150 and old.min() < 50  # a random subsample, not the newest
     assert t.live == 250  # nothing left the table: the others are drawn by their source's weight
+
+
+def test_a_well_estimated_sources_queued_samples_are_scored_in_proportion_to_their_weight() -> None:
+    """Scoring goes where the weight is: a source weighted down to 0.1 has about a tenth of its queued
+    samples scored (a random subsample, the rest leave the queue and stay in the table), a source at full
+    weight all of them, and a source not yet estimated all of them whatever its weight."""
+    t, s = WeightTable(), sampler(source_scoring_target=10)
+    t.add(np.arange(3000), np.arange(3000, dtype=np.uint64), ["flood", "good", "young"] * 1000)
+    t.count_first_scores(np.arange(60))  # flood and good: 20 scored each; young: 20 too, but target raised
+    t.cols["visits"][:60] = 1
+    young = t.source_id("young")
+    t.scored_per_source[young] = 5  # below the target: not estimated
+    w = np.tile(np.array([0.1, 1.45, 1.45], dtype=np.float32), 1000)  # live weights average 1
+    s.reweight(t, w)
+    taken = []
+    for _ in range(100):  # 32 queued rows a batch: enough batches to empty the queue
+        d = s.draw(t, _Cache(), from_queue=True)
+        taken.append(d.rows[d.queued])  # the rows that came from the queue
+    queued = np.concatenate(taken)
+    src = np.array(t.sources)[t.source[queued]]
+    n_flood, n_good, n_young = (int((src == name).sum()) for name in ("flood", "good", "young"))
+    assert n_good == n_young == 1000  # full weight, and not estimated: every queued sample taken
+    assert 50 < n_flood < 160  # weight 0.1 of the mean: about a tenth of flood's 1,000
+    assert len(t.unscored) == 0 and t.live == 3000  # the others left the queue, not the table
+
+
+class _Cache:
+    """Payloads by ordinal: every sample is there (the sampler only needs to know it was not evicted)."""
+
+    def get(self, ordinals: np.ndarray) -> list[dict[str, Any]]:
+        return [{"id": str(o)} for o in ordinals]
+
+
+def test_weighted_scoring_off_takes_the_queue_in_arrival_order() -> None:
+    t, s = WeightTable(), sampler(source_scoring_target=1, weighted_scoring=False)
+    t.add(np.arange(100), np.arange(100, dtype=np.uint64), ["a"] * 100)
+    t.count_first_scores(np.arange(5))
+    s.reweight(
+        t, np.full(100, 0.01, dtype=np.float32) * np.r_[np.ones(50), 199 * np.ones(50)].astype(np.float32)
+    )
+    rows = t.take_unscored(40)
+    assert rows.tolist() == list(range(40))
