@@ -196,3 +196,39 @@ def test_familiarity_shrinks_a_sample_by_how_far_its_loss_lies_below_unseen_item
     off.fit(VALIDATION)
     off.calibrate(untrained_losses)
     assert (off.familiarity(x - 5.0) == 1).all()
+
+
+def test_the_guard_softens_the_learned_weights_when_the_validation_loss_climbs_while_they_concentrate() -> (
+    None
+):
+    rule = Bilevel(settings())
+    table = WeightTable()
+    rule.attach(table)
+    table.add(np.arange(100), np.arange(100, dtype=np.uint64), ["a"] * 50 + ["b"] * 50)
+    rule.on_validation(table, VALIDATION, 1, task_changed=False)
+    pool = POOL_RIGHT[:100]
+    scale = {"loss": 1.0}
+
+    def loss_of(samples: list[dict[str, Any]]) -> np.ndarray:  # the model's losses, scaled to climb
+        return untrained_losses(samples) * scale["loss"]
+
+    def step(k: int) -> None:
+        rule.observe(
+            table, BatchRecord(k, np.arange(100), np.full(100, 0.01), pool, loss_of(pool), loss_of=loss_of)
+        )
+
+    step(0)
+    assert rule.best_val_loss == pytest.approx(rule.teacher.val_loss) and rule.temperature == 1.0
+    table.cols["weight"][:100] = np.r_[np.full(90, 0.01), np.full(10, 9.91)]  # concentrated: ESS ~0.1
+    scale["loss"] = 1.5  # 50% above the best
+    step(50)
+    assert rule.temperature == 0.5 and rule.guard_trips == 1
+    step(100)
+    assert rule.temperature == 0.25  # still climbing: softer still
+    table.cols["weight"][:100] = 1.0  # spread out again: a climb alone is not the guard's business
+    step(150)
+    assert rule.temperature == 0.25
+    scale["loss"] = 1.0  # back at the best: recovers step by step
+    step(200)
+    assert rule.temperature == pytest.approx(0.25 * 1.25)
+    assert rule.report()["guard_trips"] == 2

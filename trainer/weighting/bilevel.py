@@ -181,10 +181,11 @@ class Bilevel(Weighting):
         """Recalibrate the teacher now and then; judge the batch's rows it has not judged yet (t_i, from
         the losses the model gave them before this step trained on them: their first visit)."""
         assert self.teacher is not None
-        if batch.loss_of is not None and (
-            not self.teacher.ready or batch.step % TEACHER_CALIBRATE_EVERY == 0
-        ):
+        due = batch.step % TEACHER_CALIBRATE_EVERY == 0
+        if batch.loss_of is not None and (due or not self.teacher.ready):
             self.teacher.calibrate(batch.loss_of)
+            if due:
+                self._guard(table, self.teacher.val_loss)
         if not self.teacher.ready or batch.losses is None:
             return
         teacher = self.col(table, "teacher")
