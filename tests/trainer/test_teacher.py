@@ -77,8 +77,8 @@ def test_a_teacher_trained_on_the_trusted_set_separates_right_from_wrong_targets
     assert teacher.reference_auc > 0.9 and teacher.models  # reliable: kept
     teacher.calibrate(untrained_losses)
     assert teacher.ready and teacher.auc > 0.9
-    right = teacher.judge(POOL_RIGHT, untrained_losses(POOL_RIGHT))
-    wrong = teacher.judge(POOL_WRONG, untrained_losses(POOL_WRONG))
+    right = teacher.judge(POOL_RIGHT, untrained_losses(POOL_RIGHT))[0]
+    wrong = teacher.judge(POOL_WRONG, untrained_losses(POOL_WRONG))[0]
     assert roc_auc(right, wrong) > 0.95
     assert np.exp(right).mean() > 0.8 and np.exp(wrong).mean() < 0.2
     assert (right < 0).all() and (wrong >= -8.0).all()  # log-probabilities within the floor
@@ -94,7 +94,7 @@ def test_a_teacher_that_cannot_tell_right_from_wrong_changes_nothing() -> None:
     teacher.fit(val)
     assert not teacher.models  # below MIN_REFERENCE_AUC: no forward per sample for nothing
     teacher.calibrate(untrained_losses)
-    p = np.exp(teacher.judge(pool, untrained_losses(pool)))
+    p = np.exp(teacher.judge(pool, untrained_losses(pool))[0])
     assert p.max() / p.min() < 1.5
 
 
@@ -119,8 +119,8 @@ def test_the_main_models_own_losses_judge_once_it_has_learnt_the_task() -> None:
     teacher.calibrate(loss_of)
     assert len(teacher.coef) == 2 and teacher.auc > 0.9
     right, wrong = (
-        teacher.judge(POOL_RIGHT, loss_of(POOL_RIGHT)),
-        teacher.judge(POOL_WRONG, loss_of(POOL_WRONG)),
+        teacher.judge(POOL_RIGHT, loss_of(POOL_RIGHT))[0],
+        teacher.judge(POOL_WRONG, loss_of(POOL_WRONG))[0],
     )
     assert roc_auc(right, wrong) > 0.95
 
@@ -232,3 +232,25 @@ def test_the_guard_softens_the_learned_weights_when_the_validation_loss_climbs_w
     step(200)
     assert rule.temperature == pytest.approx(0.25 * 1.25)
     assert rule.report()["guard_trips"] == 2
+
+
+def test_familiarity_counts_per_source_a_redundant_source_weighs_less_its_samples_alike() -> None:
+    """A flood whose samples are mostly near-copies of learnt content (f ~ 0.1) weighs less as a source;
+    within a source, a familiar right answer (a recurring one) weighs the same as an unfamiliar one, so
+    familiarity cannot favour a sloppy source's varied slips over its recurring right answers."""
+    rule = Bilevel(settings())
+    table = WeightTable()
+    rule.attach(table)
+    table.add(
+        np.arange(300), np.arange(300, dtype=np.uint64), ["clean"] * 100 + ["flood"] * 100 + ["mixed"] * 100
+    )
+    rule.on_validation(table, VALIDATION, 1, task_changed=False)  # a teacher exists
+    rule.col(table, "teacher")[:300] = np.log(0.9)  # every sample judged equally plausible
+    rule.col(table, "familiar")[:300] = np.r_[np.ones(100), np.full(100, 0.1), np.tile([1.0, 0.1], 50)]
+    table.cols["weight"][:300] = 1.0
+    z = rule.teacher_logits(table)
+    assert np.ptp(z[:100]) == 0 and np.ptp(z[200:]) == 0  # alike within a source
+    assert z[100] < z[0] - 1.0  # the flood: well below the mix
+    # sources no more redundant than the training mix (here: clean, and mixed, with half its samples
+    # familiar) are not penalised; only those below it are
+    assert z[0] == pytest.approx(np.log(0.9)) and z[200] == pytest.approx(np.log(0.9))

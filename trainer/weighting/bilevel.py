@@ -23,9 +23,10 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
     P_s  =  min(0, S_s - S-bar)                                         sources below the mix penalised
     h_i  = ramp(step) T (clip(l_src P_s(i) / sig) + clip(l_smp r_i (m_i - S_s(i)) / sig))   clip: to +-z_max
     z_i  = h_i + l_t t_i                                                t_i: the trusted-set teacher's
-                                                                        log P(right target) + log
-                                                                        familiarity, from the sample's
-                                                                        first visit (teacher.py)
+                                                                        log P(right target), from the
+                                                                        sample's first visit, plus its
+                                                                        source's familiarity penalty
+                                                                        (teacher.py, teacher_logits)
     w_i  = exp(z_i) shared among a source's excess copies (base.py shared_weights), scaled so live
            weights average 1
 
@@ -102,6 +103,7 @@ class Bilevel(Weighting):
         "score_sum": np.float32,
         "evidence": np.uint16,
         "teacher": np.float32,
+        "familiar": np.float32,  # f_i, the teacher's familiarity at the first visit; 0 while not measured
     }
 
     def __init__(self, settings: TrainerSettings, device: Any = None) -> None:
@@ -193,7 +195,9 @@ class Bilevel(Weighting):
         new = teacher[rows] == 0
         if new.any():
             idx = first[new]
-            teacher[rows[new]] = self.teacher.judge([batch.payloads[i] for i in idx], batch.losses[idx])
+            logp, familiar = self.teacher.judge([batch.payloads[i] for i in idx], batch.losses[idx])
+            teacher[rows[new]] = logp
+            self.col(table, "familiar")[rows[new]] = np.maximum(familiar, 1e-6)
 
     def _guard(self, table: WeightTable, val_loss: float) -> None:
         """A trust region on the learned (hypergradient) logits: when the validation loss has climbed
@@ -227,20 +231,41 @@ class Bilevel(Weighting):
             self.temperature = min(1.0, self.temperature * GUARD_RECOVER)
 
     def teacher_logits(self, table: WeightTable) -> np.ndarray:
-        """t_i for every row: measured, else the log of its source's mean P(right) over the measured rows
-        (shrunk toward the mean over all sources by ``TEACHER_PRIOR_ROWS`` rows: an unjudged sample's
-        expected factor); 0 everywhere without a teacher."""
+        """The teacher's part of every row's logit, 0 everywhere without a teacher:
+
+            t_i                        log P(right target), measured at the first visit; for a row not
+                                       judged yet, the log of its source's mean P over the judged rows
+                                       (shrunk toward the mean over all sources by TEACHER_PRIOR_ROWS
+                                       rows: the row's expected factor)
+            F_s = mean f over s's judged rows (shrunk the same way)     its familiarity: how much of what
+                                                                        the source sends is near-copies
+                                                                        of content already learnt
+            + min(0, log F_s - sum_s mass_s log F_s / sum_s mass_s)     a source more redundant than the
+                                                                        training mix (mass_s: its weight)
+
+        Familiarity counts per source, not per sample: a correct answer that recurs is familiar and a
+        wrong one that varies is not, so per sample it would favour a sloppy source's slips over its
+        right answers (as the old copy rule did, base.py shared_weights); a flood's near-copies are
+        familiar as a whole."""
         t = self.col(table, "teacher")[: table.n].astype(np.float64)
         known = t < 0
         if self.teacher is None or not known.any():
             return np.zeros(table.n)
         src = table.source.astype(np.int64)
         n_src = len(table.sources)
+        count = np.bincount(src[known], minlength=n_src) + TEACHER_PRIOR_ROWS
+
+        def source_mean(x: np.ndarray) -> np.ndarray:  # per source, shrunk toward the mean over all
+            total = np.bincount(src[known], weights=x, minlength=n_src)
+            return (total + TEACHER_PRIOR_ROWS * float(x.mean())) / count
+
         p = np.exp(t[known])
-        count = np.bincount(src[known], minlength=n_src)
-        total = np.bincount(src[known], weights=p, minlength=n_src)
-        source_p = (total + TEACHER_PRIOR_ROWS * float(p.mean())) / (count + TEACHER_PRIOR_ROWS)
-        return np.where(known, t, np.log(source_p)[src])
+        out = np.where(known, t, np.log(source_mean(p))[src])
+        log_f = np.log(source_mean(self.col(table, "familiar")[: table.n][known].astype(np.float64)))
+        alive = table.alive
+        mass = np.bincount(src[alive], weights=table.weight[alive], minlength=n_src)
+        reference = float(mass @ log_f / max(mass.sum(), EPS))
+        return out + np.minimum(0.0, log_f - reference)[src]
 
     def logits(self, table: WeightTable, step: int) -> np.ndarray:
         """z_i for every row (see the module docstring)."""
@@ -279,8 +304,9 @@ class Bilevel(Weighting):
         so the column it measured stays valid)."""
         if self.teacher is not None:
             same = version == self.teacher_version
-            if not same:
-                self.col(table, "teacher")[: table.n] = 0  # judged by another set's teacher: judge again
+            if not same:  # judged by another set's teacher: judge again
+                self.col(table, "teacher")[: table.n] = 0
+                self.col(table, "familiar")[: table.n] = 0
                 self.teacher_version = version
             self.teacher.fit(samples, self.heartbeat)
             if same and self.teacher_state:  # a resumed run: the calibration it had at that step

@@ -22,9 +22,10 @@ is measured on the set itself:
                                                 scaling, Platt 1999; class-balanced, an L2 penalty on b),
                                                 refitted every 50 steps as the model changes: the
                                                 log-likelihood ratio of "right target" over "wrong"
-    t_i = log sigma(LLR_i) + log f_i            f_i: ``familiarity`` (near-copies of learnt content)
+    t_i = log sigma(LLR_i)                      and f_i: ``familiarity`` (near-copies of learnt content,
+                                                used per source: trainer/weighting/bilevel.py)
 
-so a sample's weight picks up the factor P(right target | its losses) f_i: ~1 for a new sample the
+so a sample's weight picks up the factor P(right target | its losses): ~1 for a sample the
 teacher finds plausible, small for one it finds implausible, and the same for every sample (no effect
 after normalisation) when neither model can tell right from wrong on the validation pairs (b ~ 0). The
 reference models are kept only when their own cross-fitted AUC reaches 0.6 (on the text tasks at 100
@@ -156,10 +157,10 @@ class Teacher:
         self.auc = roc_auc(llr[y == 1], llr[y == 0])
 
     @torch.no_grad()
-    def judge(self, payloads: Sequence[dict[str, Any]], losses: np.ndarray) -> np.ndarray:
-        """t_i = log P(right target | the losses) + log f_i, (B,), in [MIN_LOG_PROB, 0), for samples the
-        current model gave ``losses`` (B,) before training on them (f_i: ``familiarity``). Raises
-        RuntimeError before ``calibrate``."""
+    def judge(self, payloads: Sequence[dict[str, Any]], losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(t_i = log P(right target | the losses) in [MIN_LOG_PROB, 0), f_i = ``familiarity``), each (B,),
+        for samples the current model gave ``losses`` (B,) before training on them. Raises RuntimeError
+        before ``calibrate``."""
         if not self.coef:
             raise RuntimeError("the teacher is not calibrated")
         x_model = np.log(np.asarray(losses, dtype=np.float64) + LOSS_FLOOR)
@@ -168,7 +169,7 @@ class Teacher:
             cols.insert(0, np.mean([log_loss(m, payloads, self.device) for m in self.models], axis=0))
         llr = self.coef[0] + np.stack(cols, 1) @ np.asarray(self.coef[1:])
         logp = -np.logaddexp(0.0, -llr)  # log sigma(llr)
-        return np.clip(logp + np.log(self.familiarity(x_model)), MIN_LOG_PROB, -1e-6)
+        return np.clip(logp, MIN_LOG_PROB, -1e-6), self.familiarity(x_model)
 
     def familiarity(self, x_model: np.ndarray) -> np.ndarray:
         """f_i in (0, 1], (B,): how far a sample is from being a near-copy of something already learnt.
