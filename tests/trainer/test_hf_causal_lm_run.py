@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 from datadiet import Client
 from store.processes import datadiet_env, spawn, stop_process_group
 from tests.conftest import REPO_ROOT
-from tests.hf_tiny import LLAMA, save_tokenizer
+from tests.hf_tiny import GPT2, LLAMA, save_tokenizer
 from trainer import load_checkpoint
 from trainer.models import build_model
 from trainer.state import load_state
@@ -72,10 +72,13 @@ TRAINING = {
 }
 
 
-def test_a_lora_model_goes_from_posted_chat_samples_to_a_pulled_checkpoint_that_predicts(
-    start_api: Callable[..., str], redis_url: str, tmp_path: Path, tokenizer: str
+@pytest.mark.parametrize("arch", ["llama-lora", "gpt2-full"])
+def test_a_model_goes_from_posted_chat_samples_to_a_pulled_checkpoint_that_predicts(
+    start_api: Callable[..., str], redis_url: str, tmp_path: Path, tokenizer: str, arch: str
 ) -> None:
-    config = _config(tokenizer)
+    """Llama with LoRA adapters; GPT-2 fully fine-tuned (Conv1D layers and a tied head scored)."""
+    lora = arch.endswith("lora")
+    config = _config(tokenizer) if lora else {"config": GPT2, "tokenizer": tokenizer, "max_length": 96}
     data_dir = tmp_path / "data"
     settings = {"model": "hf-causal-lm", "model_config": json.dumps(config), "data_dir": str(data_dir)}
     url = start_api(**settings)
@@ -100,14 +103,18 @@ def test_a_lora_model_goes_from_posted_chat_samples_to_a_pulled_checkpoint_that_
 
     with safetensors.safe_open(str(path), "pt") as f:
         names, header = list(f.keys()), f.metadata()
-    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)  # adapters only
-    assert header["datadiet.kind"] == "hf-causal-lm" and len(header["datadiet.base_sha256"]) == 64
+    assert header["datadiet.kind"] == "hf-causal-lm"
+    if lora:
+        assert names and all(".lora_A." in n or ".lora_B." in n for n in names)  # adapters only
+        assert len(header["datadiet.base_sha256"]) == 64
+    else:
+        assert "net.transformer.h.0.attn.c_attn.weight" in names and "datadiet.base_sha256" not in header
 
     model = load_checkpoint(path, sha256=versions[0]["sha256"])
     assert model.step == 30
     answers = model.predict([s["input"] for s in VALIDATION[:3]])
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    base = build_model("hf-causal-lm", config)  # LoRA starts at B = 0: the untrained model is the base
+    base = build_model("hf-causal-lm", config)  # the base, as the run started (LoRA's B starts at 0)
     base.eval()
     with torch.no_grad():
         before = base.per_sample_loss(base.collate(GOOD)).mean().item()
