@@ -212,25 +212,22 @@ def test_the_guard_softens_the_learned_weights_when_the_validation_loss_climbs_w
     def loss_of(samples: list[dict[str, Any]]) -> np.ndarray:  # the model's losses, scaled to climb
         return untrained_losses(samples) * scale["loss"]
 
-    def step(k: int) -> None:
+    def check(k: int, loss: float) -> float:
+        scale["loss"] = loss
         rule.observe(
             table, BatchRecord(k, np.arange(100), np.full(100, 0.01), pool, loss_of(pool), loss_of=loss_of)
         )
+        return rule.temperature
 
-    step(0)
-    assert rule.best_val_loss == pytest.approx(rule.teacher.val_loss) and rule.temperature == 1.0
+    assert check(0, 1.0) == 1.0
     table.cols["weight"][:100] = np.r_[np.full(90, 0.01), np.full(10, 9.91)]  # concentrated: ESS ~0.1
-    scale["loss"] = 1.5  # 50% above the best
-    step(50)
-    assert rule.temperature == 0.5 and rule.guard_trips == 1
-    step(100)
-    assert rule.temperature == 0.25  # still climbing: softer still
-    table.cols["weight"][:100] = 1.0  # spread out again: a climb alone is not the guard's business
-    step(150)
-    assert rule.temperature == 0.25
-    scale["loss"] = 1.0  # back at the best: recovers step by step
-    step(200)
-    assert rule.temperature == pytest.approx(0.25 * 1.25)
+    assert check(50, 1.5) == 0.5 and rule.guard_trips == 1  # 50% above the best: softened
+    assert check(100, 1.6) == 0.5  # a further 7%: not another halving (the trip set a new baseline)
+    assert check(150, 2.0) == 0.25  # 25% above that baseline: softer still
+    table.cols["weight"][:100] = 1.0  # spread out: a climb alone is not the weights' doing
+    assert check(200, 2.6) == 0.25 and rule.guard_trips == 2
+    assert check(250, 2.2) == pytest.approx(0.25 * 1.25)  # no longer rising: recovers step by step
+    assert check(300, 2.2) == pytest.approx(0.25 * 1.25**2)
     assert rule.report()["guard_trips"] == 2
 
 

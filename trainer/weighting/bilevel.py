@@ -31,8 +31,8 @@ random-walks (shared/RESEARCH.md), so the rule is a shrunk, normalised estimate 
            weights average 1
 
 T is the guard's temperature (1 unless the validation loss climbs 20% above its best while the weights are
-concentrated; then it halves, and recovers once the loss is back: ``_guard``). A row the teacher has not
-judged yet gets its source's mean P (its expected factor).
+concentrated; then it halves, and recovers while the loss is not rising: ``_guard``). A row the teacher
+has not judged yet gets its source's mean P (its expected factor).
 
 The source term carries most of the signal early; the per-sample deviation, shrunk toward the source by
 r_i, separates good and bad samples within a source as visits accumulate. S_s averages over the last ~H of
@@ -118,7 +118,8 @@ class Bilevel(Weighting):
         self.teacher_version: int | None = None  # the validation version the teacher column was measured by
         self.teacher_state: dict[str, Any] = {}  # a resumed run's teacher calibration, until it is fitted
         self.temperature = 1.0  # the guard's factor on the learned logits (_guard)
-        self.best_val_loss = math.inf  # the lowest validation loss the guard saw under this set
+        self.best_val_loss = math.inf  # the lowest validation loss the guard saw since its last trip
+        self.last_val_loss = math.inf  # the validation loss at the guard's last check
         self.guard_trips = 0
         self.guard_version: int | None = None
 
@@ -200,15 +201,22 @@ class Bilevel(Weighting):
             self.col(table, "familiar")[rows[new]] = np.maximum(familiar, 1e-6)
 
     def _guard(self, table: WeightTable, val_loss: float) -> None:
-        """A trust region on the learned (hypergradient) logits: when the validation loss has climbed
-        ``GUARD_CLIMB`` above its best under this validation set while the weights are concentrated (Kish's
-        effective sample size below ``GUARD_CONCENTRATED`` of the live rows), the logits' temperature
-        halves and the source estimates keep only half their evidence, so a wrong estimate is re-learnt
-        instead of reinforced; once the loss is back within half the margin the temperature recovers by
-        ``GUARD_RECOVER`` per check. The teacher's term is calibrated on the validation set itself and is
-        not tempered."""
+        """A trust region on the learned (hypergradient) logits, checked at each teacher calibration with
+        the model's loss on the whole validation set:
+
+            climbed   val_loss > best (1 + GUARD_CLIMB)            best: the lowest since the last trip
+                                                                   (or since this validation set)
+            concentrated   Kish's effective sample size of the live weights < GUARD_CONCENTRATED of them
+            both      T <- max(T / 2, GUARD_MIN_TEMPERATURE); the source estimates keep half their
+                      evidence (a wrong estimate is re-learnt, not reinforced); best <- val_loss (the next
+                      halving needs a further climb: a loss that rises for reasons the weights do not
+                      cause, such as overfitting, cannot drive T to its floor at one level)
+            otherwise, when val_loss is no higher than at the last check: T <- min(1, T GUARD_RECOVER)
+
+        The teacher's term is calibrated on the validation set itself and is not tempered."""
         if not math.isfinite(val_loss):
             return
+        previous, self.last_val_loss = self.last_val_loss, val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
         w = table.weight[table.alive].astype(np.float64)
         ess = float(w.sum() ** 2 / max(len(w) * float((w**2).sum()), EPS)) if len(w) else 1.0
@@ -227,7 +235,8 @@ class Bilevel(Weighting):
                 ess,
                 self.temperature,
             )
-        elif val_loss <= self.best_val_loss * (1 + GUARD_CLIMB / 2):
+            self.best_val_loss = val_loss
+        elif val_loss <= previous:
             self.temperature = min(1.0, self.temperature * GUARD_RECOVER)
 
     def teacher_logits(self, table: WeightTable) -> np.ndarray:
@@ -314,6 +323,7 @@ class Bilevel(Weighting):
             self.teacher_state = {}
         if version != self.guard_version:
             self.best_val_loss, self.temperature, self.guard_version = math.inf, 1.0, version
+            self.last_val_loss = math.inf
         if not task_changed:
             return
         n = table.n
@@ -335,6 +345,7 @@ class Bilevel(Weighting):
             "guard": {
                 "temperature": self.temperature,
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+                "last_val_loss": None if math.isinf(self.last_val_loss) else self.last_val_loss,
                 "trips": self.guard_trips,
                 "version": self.guard_version,
             },
@@ -363,5 +374,7 @@ class Bilevel(Weighting):
         self.temperature = float(guard.get("temperature", 1.0))
         best = guard.get("best_val_loss")
         self.best_val_loss = math.inf if best is None else float(best)
+        last = guard.get("last_val_loss")
+        self.last_val_loss = math.inf if last is None else float(last)
         self.guard_trips = int(guard.get("trips", 0))
         self.guard_version = guard.get("version")
