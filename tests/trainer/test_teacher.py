@@ -77,6 +77,7 @@ def test_a_teacher_trained_on_the_trusted_set_separates_right_from_wrong_targets
     assert teacher.reference_auc > 0.9 and teacher.models  # reliable: kept
     teacher.calibrate(untrained_losses)
     assert teacher.ready and teacher.auc > 0.9
+    assert teacher.uses_reference  # the main model knows nothing yet: the reference models judge
     right = teacher.judge(POOL_RIGHT, untrained_losses(POOL_RIGHT))[0]
     wrong = teacher.judge(POOL_WRONG, untrained_losses(POOL_WRONG))[0]
     assert roc_auc(right, wrong) > 0.95
@@ -99,11 +100,10 @@ def test_a_teacher_that_cannot_tell_right_from_wrong_changes_nothing() -> None:
 
 
 def test_the_main_models_own_losses_judge_once_it_has_learnt_the_task() -> None:
-    """With no reference models (too small a trusted set for them), a main model that has learnt the task
-    still judges: its loss on a sample, set against its losses on the trusted set's right and wrong pairs."""
+    """A main model that has learnt the task judges by itself: its loss on a sample, set against its losses
+    on the trusted set's right and wrong pairs; the reference models, adding nothing, are not run."""
     teacher = Teacher(settings(), torch.device("cpu"))
     teacher.fit(VALIDATION)
-    teacher.models = []  # the main model's losses alone
     torch.manual_seed(0)
     main = build_model("mlp", MLP)
     opt = torch.optim.AdamW(main.parameters(), lr=1e-2)
@@ -117,7 +117,8 @@ def test_the_main_models_own_losses_judge_once_it_has_learnt_the_task() -> None:
         return np.exp(log_loss(main, samples, torch.device("cpu"))) - 1e-7
 
     teacher.calibrate(loss_of)
-    assert len(teacher.coef) == 2 and teacher.auc > 0.9
+    # the reference models add nothing to a main model that knows the task: judged without them
+    assert not teacher.uses_reference and len(teacher.coef) == 2 and teacher.auc > 0.9
     right, wrong = (
         teacher.judge(POOL_RIGHT, loss_of(POOL_RIGHT))[0],
         teacher.judge(POOL_WRONG, loss_of(POOL_WRONG))[0],

@@ -63,6 +63,7 @@ PATIENCE = 3  # held-out checks without improvement before a fold model stops
 LOSS_FLOOR = 1e-7  # x = log(loss + LOSS_FLOOR): a loss of 0 stays finite (float32's resolution near 1)
 SLOPE_PENALTY = 1.0  # L2 penalty on the calibration slope b (x is in log-loss units, ~1)
 MIN_REFERENCE_AUC = 0.6  # reference models below this cross-fitted AUC are not used
+REFERENCE_GAIN = 0.01  # the AUC the reference models must add to the main model's alone to be used
 MIN_LOG_PROB = -8.0  # t_i is floored here: no sample weighs less than e^-8 of a plausible one for this
 
 
@@ -136,9 +137,12 @@ class Teacher:
         )
 
     def calibrate(self, loss_of: Callable[[Sequence[dict[str, Any]]], np.ndarray]) -> None:
-        """Refit LLR = coef . [1, x_reference, x_model] on the validation pairs, x_model = log(loss + floor)
-        under the current model (``loss_of``: its per-sample losses, (n,)); x_reference only while the
-        reference models are kept. A no-op before ``fit`` built the pairs."""
+        """Refit LLR = coef . [1, x_reference?, x_model] on the validation pairs, x_model = log(loss + floor)
+        under the current model (``loss_of``: its per-sample losses, (n,)). x_reference is included only
+        while it adds at least ``REFERENCE_GAIN`` to the AUC of x_model alone: early, when the main model
+        knows little, the reference models carry the judgement; once it has learnt the task they add
+        little, and judging without them saves two forwards per new sample. A no-op before ``fit`` built
+        the pairs."""
         if not self.wrong:
             return
         right_loss = loss_of(self.right)
@@ -146,15 +150,19 @@ class Teacher:
         x_right = np.log(right_loss + LOSS_FLOOR)
         self.unseen = np.sort(x_right)
         x_wrong = np.log(loss_of(self.wrong) + LOSS_FLOOR)
-        cols_right, cols_wrong = [x_right], [x_wrong]
-        if self.models:
-            cols_right.insert(0, self.ref_right)
-            cols_wrong.insert(0, self.ref_wrong)
-        x = np.concatenate([np.stack(cols_right, 1), np.stack(cols_wrong, 1)])  # (n, k)
         y = np.concatenate([np.ones(len(x_right)), np.zeros(len(x_wrong))])
-        self.coef = fit_logistic(x, y, SLOPE_PENALTY)
-        llr = self.coef[0] + x @ np.asarray(self.coef[1:])
-        self.auc = roc_auc(llr[y == 1], llr[y == 0])
+        x_model = np.concatenate([x_right, x_wrong])[:, None]  # (n, 1)
+        self.coef, self.auc = _fit(x_model, y)
+        if self.models:
+            x_both = np.concatenate([np.concatenate([self.ref_right, self.ref_wrong])[:, None], x_model], 1)
+            coef, auc = _fit(x_both, y)
+            if auc >= self.auc + REFERENCE_GAIN:
+                self.coef, self.auc = coef, auc
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the current calibration judges with the reference models (three coefficients)."""
+        return len(self.coef) == 3
 
     @torch.no_grad()
     def judge(self, payloads: Sequence[dict[str, Any]], losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +173,7 @@ class Teacher:
             raise RuntimeError("the teacher is not calibrated")
         x_model = np.log(np.asarray(losses, dtype=np.float64) + LOSS_FLOOR)
         cols = [x_model]
-        if self.models:
+        if self.uses_reference:
             cols.insert(0, np.mean([log_loss(m, payloads, self.device) for m in self.models], axis=0))
         llr = self.coef[0] + np.stack(cols, 1) @ np.asarray(self.coef[1:])
         logp = -np.logaddexp(0.0, -llr)  # log sigma(llr)
@@ -203,7 +211,7 @@ class Teacher:
 
     def load_state(self, state: dict[str, Any]) -> None:
         coef = [float(c) for c in state.get("coef", [])]
-        if len(coef) == (3 if self.models else 2):  # the same features as the fitted teacher's
+        if len(coef) == 2 or (len(coef) == 3 and self.models):  # features the fitted teacher has
             self.coef = coef
             auc = state.get("auc")
             self.auc = math.nan if auc is None else float(auc)
@@ -217,8 +225,15 @@ class Teacher:
             "calibrated": self.ready,
             "auc": None if math.isnan(self.auc) else round(self.auc, 4),
             "reference_auc": None if math.isnan(self.reference_auc) else round(self.reference_auc, 4),
-            "reference_used": bool(self.models),
+            "reference_used": self.uses_reference,
         }
+
+
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[list[float], float]:
+    """The calibration on features x (n, k) of pairs y (n,): its coefficients and its AUC."""
+    coef = fit_logistic(x, y, SLOPE_PENALTY)
+    llr = coef[0] + x @ np.asarray(coef[1:])
+    return coef, roc_auc(llr[y == 1], llr[y == 0])
 
 
 def train_reference(
