@@ -18,7 +18,7 @@ from trainer.settings import TrainerSettings
 from trainer.table import WeightTable
 from trainer.weighting.base import BatchRecord
 from trainer.weighting.bilevel import Bilevel
-from trainer.weighting.teacher import Teacher, derange_targets, fit_logistic, log_loss, roc_auc
+from trainer.weighting.teacher import Teacher, derange_targets, edit_targets, fit_logistic, log_loss, roc_auc
 
 VALIDATION = blobs(80, 21, source="val", noisy=False, prefix="v")
 POOL_RIGHT = blobs(200, 22, source="a", noisy=False, prefix="r")
@@ -67,6 +67,18 @@ def test_deranged_targets_never_keep_their_own_and_drop_unchanged_pairs() -> Non
     originals = {tuple(s["input"]): s["target"] for s in samples}
     assert all(m["target"] != originals[tuple(m["input"])] for m in moved)
     assert {m["target"] for m in moved} <= {0, 1, 2}
+
+
+def test_near_miss_targets_differ_from_the_right_one_in_exactly_one_character() -> None:
+    samples = [{"input": f"{a}+{a}=", "target": str(2 * a)} for a in range(10, 60)] + [
+        {"input": [1.0], "target": 3}
+    ]
+    edited = edit_targets(samples, np.random.default_rng(4))
+    assert len(edited) == 50  # every text target, no class target
+    for e, s in zip(edited, samples, strict=False):
+        assert len(e["target"]) == len(s["target"]) and e["input"] == s["input"]
+        assert sum(a != b for a, b in zip(e["target"], s["target"], strict=True)) == 1
+        assert set(e["target"]) <= set("0123456789")  # characters the set's targets use
 
 
 def test_a_teacher_trained_on_the_trusted_set_separates_right_from_wrong_targets_on_first_sight() -> None:

@@ -13,8 +13,9 @@ is measured on the set itself:
     folds F_1, F_2       a seeded random halving of the validation set V
     theta_k              a fresh model of the trainer's kind, trained on V minus F_k (AdamW, mean loss) and
                          stopped at its lowest loss on F_k (checked every ``EVAL_EVERY`` steps)
-    right / wrong pairs  each F_k as it is (y = 1), and with targets moved to other samples of F_k (y = 0:
-                         a derangement; pairs whose target did not change are left out)
+    right / wrong pairs  each F_k as it is (y = 1); wrong (y = 0): F_k with targets moved to other samples
+                         of F_k (a derangement; pairs whose target did not change are left out), and, for
+                         text targets, F_k with one character of the target replaced (a near miss)
     x_ref   = log(loss + 1e-7) under theta_k, for a pair in F_k; for a stream sample, the mean over k
     x_model = log(loss + 1e-7) under the current model (for a stream sample: at its first visit, before
               the step trains on it)
@@ -116,7 +117,7 @@ class Teacher:
             )
             models.append(model)
             self.steps.append(step)
-            moved = derange_targets(heldout, rng)
+            moved = derange_targets(heldout, rng) + edit_targets(heldout, rng)
             right += heldout
             wrong += moved
             x_right.append(log_loss(model, heldout, self.device))
@@ -312,6 +313,23 @@ def derange_targets(samples: Sequence[dict[str, Any]], rng: np.random.Generator)
         target = samples[moved[i]]["target"]
         if target != samples[i]["target"]:
             out.append({**samples[i], "target": target})
+    return out
+
+
+def edit_targets(samples: Sequence[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Each sample whose target is a string, with one character of it replaced by another character
+    that occurs in the set's targets: a near miss (a slip in one digit, one wrong letter of an argument),
+    the kind of wrong target another sample's whole target does not stand for. Class targets are left to
+    ``derange_targets``."""
+    alphabet = sorted({c for s in samples if isinstance(s["target"], str) for c in s["target"]})
+    out = []
+    for s in samples:
+        target = s["target"]
+        if not isinstance(target, str) or not target or len(alphabet) < 2:
+            continue
+        i = int(rng.integers(len(target)))
+        others = [c for c in alphabet if c != target[i]]
+        out.append({**s, "target": target[:i] + others[int(rng.integers(len(others)))] + target[i + 1 :]})
     return out
 
 
