@@ -1,9 +1,10 @@
 """A real model on real tool-calling traffic: SmolLM2-135M-Instruct with LoRA, trained by datadiet on a
 stream from agents of known quality built from the Berkeley Function Calling Leaderboard (issue 13).
 
-    python bench/agents.py --quick    # CPU, a few minutes: bilevel and uniform for a handful of steps on
-                                      # a few short questions; reports the step time; exit 1 if the path
-                                      # breaks (--methods adds oracle and val-only)
+    python bench/agents.py --quick    # CPU smoke: bilevel and uniform, 3 steps of 2 samples, 5 short test
+                                      # questions (10 min on 2 busy cores, most of it generation and start-
+                                      # up); reports the step time; exit 1 if the path breaks (--methods
+                                      # adds oracle and val-only)
     python bench/agents.py            # the comparison (a GPU: see FULL_COMMAND), writes the table below
 
 Needs (no downloads at run time): ``pip install -e '.[hf]'`` (transformers, peft, gguf),
