@@ -60,7 +60,8 @@ SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digit
 # ~15% of the full run's time) and the flood-noise sweep run when asked for by name
 DEFAULT_SCENARIOS = ["noisy", "redundancy", "misaligned", "drift", "digits"]
 METHODS = ["uniform", "random", "val-only", "loss", "l2rw", "rholoss", "bilevel", "oracle"]
-ABLATIONS = ["bilevel-hypergrad"]  # bilevel without the trusted-set teacher; run when asked for by name
+# bilevel without the trusted-set teacher, and with every queued sample scored; run when asked for by name
+ABLATIONS = ["bilevel-hypergrad", "bilevel-queue-all"]
 NOT_FOR = {
     "drift": {"random", "oracle"},  # nothing to subsample against, no clean-only stream
     "noisy-carry": {"random", "val-only", "loss", "l2rw", "rholoss"},  # a probe: ours, uniform, oracle

@@ -44,12 +44,15 @@ TRAINER_METHOD = {
     "val-only": "uniform",
     "oracle": "uniform",
     "bilevel-hypergrad": "bilevel",
+    "bilevel-queue-all": "bilevel",
 }
 EXTRA_SETTINGS = {
     # Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
     "l2rw": {"val_grad_every": "1", "val_grad_beta": "0"},
     # an ablation: bilevel on the one-step hypergradient score alone, without the trusted-set teacher
     "bilevel-hypergrad": {"teacher": "false"},
+    # an ablation: every queued sample scored, whatever its source's weight (issue 12 item 1 before)
+    "bilevel-queue-all": {"weighted_scoring": "false"},
 }
 POLL_S = 0.5
 PACED_PUBLISH_S = "0.25"  # paced runs: the trainer publishes its step this often (default 2 s), for the pacer
