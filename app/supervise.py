@@ -40,6 +40,7 @@ from store.processes import api_argv, one_line, stop_process_group, wait_until_r
 
 log = logging.getLogger("datadiet.up")
 PR_SET_PDEATHSIG = 1
+EX_CONFIG = 78  # sysexits.h: a child that exits so has a configuration error; restarting it cannot help
 START_WINDOW_S = 30.0  # a child that exits sooner than this after it was started failed to start
 MAX_START_FAILURES = 3  # failures to start in a row after which the supervisor gives up
 LOCK_FILE = "up.lock"
@@ -275,6 +276,11 @@ class Supervisor:
                 log.info("trainer finished (DATADIET_MAX_STEPS reached)")
                 child.finished = True
                 continue
+            if code == EX_CONFIG:  # a configuration error (a model that cannot be built) will not fix itself
+                raise StartError(
+                    f"the {child.name} cannot start: its configuration is invalid ({_exit_text(code)}); "
+                    f"its last words: {child.last_words()}"
+                )
             ran = now - child.started_at
             child.failures = child.failures + 1 if ran < START_WINDOW_S else 0
             if child.failures >= MAX_START_FAILURES:

@@ -168,7 +168,10 @@ def test_up_gives_up_on_a_trainer_that_cannot_start_and_leaves_nothing_running(t
     finally:
         stop_process_group(proc)
     last = log.read_text().splitlines()[-1]
-    assert last.startswith("datadiet: the trainer cannot start: it exited with status 78 3 times in a row")
+    # a configuration error (exit 78) is not retried: it will not fix itself
+    assert last.startswith(
+        "datadiet: the trainer cannot start: its configuration is invalid (exited with status 78)"
+    )
     assert "unknown model kind 'no-such-kind'" in last
     assert len(seen) >= 3 and [p for p in seen if alive(p)] == []  # Redis and the API were stopped too
 
