@@ -34,7 +34,7 @@ import numpy as np
 
 from app.demo.scenarios import Scenario, build_scenario
 from app.demo.tasks import exact_match
-from bench.quality_stream import BATCH_SIZE, Pacer, Posted, rate_label, training_stream
+from bench.quality_stream import BATCH_SIZE, Pacer, Posted, paced_share, rate_label, training_stream
 from datadiet import Client
 from store.processes import datadiet_env, spawn, start_api_process, start_redis_server, stop_process_group
 from trainer import load_checkpoint
@@ -212,7 +212,9 @@ def _run(
             posted.add(first, scn)
         else:
             assert spec.rate is not None
-            pacer = Pacer(client, stream, spec.rate * BATCH_SIZE, spec.n_stream, trainer, scn, posted)
+            share = paced_share(scn, spec.method, spec.keep_fraction)
+            per_step = spec.rate * BATCH_SIZE * share
+            pacer = Pacer(client, stream, per_step, math.ceil(spec.n_stream * share), trainer, scn, posted)
             pacer.fill()  # while the trainer imports torch
         result.phases["posted"] = time.monotonic() - t0
         try:
