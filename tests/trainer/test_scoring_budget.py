@@ -82,3 +82,16 @@ def test_weighted_scoring_off_takes_the_queue_in_arrival_order() -> None:
     )
     rows = t.take_unscored(40)
     assert rows.tolist() == list(range(40))
+
+
+def test_each_half_of_a_batch_carries_its_share_of_the_loss_whatever_the_queued_rows_weigh() -> None:
+    """Queued rows' coefficient is their weight, drawn rows' w / (n q), about 1: without per-half
+    normalisation, a queue of clean rows weighing 6 (beside a flood weighing nothing) took 6/7 of the
+    loss and the batch trained like half its size."""
+    t, s = WeightTable(), sampler(source_scoring_target=1000)
+    t.add(np.arange(600), np.arange(600, dtype=np.uint64), ["clean"] * 100 + ["flood"] * 500)
+    s.reweight(t, np.r_[np.full(100, 5.99), np.full(500, 0.002)].astype(np.float32))
+    d = s.draw(t, _Cache(), from_queue=True)
+    assert d.queued.sum() == 32 and (~d.queued).sum() == 32
+    np.testing.assert_allclose(d.importance[d.queued].sum(), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(d.importance.sum(), 1.0, rtol=1e-6)
