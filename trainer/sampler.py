@@ -10,9 +10,9 @@ and every row's loss coefficient is its importance weight, so the step's expecte
 weighted one whatever was drawn (importance sampling, as in prioritized replay, Schaul et al. 2016):
 
     c_i = w_i / (n_live q_i)      drawn rows          c_i = w_i      queued rows
-    c  <- c scaled so that each half (queued, drawn) sums to its number of rows (self-normalised
-          importance sampling per half: each half estimates the weighted loss, and neither drowns the
-          other: a queue of rows weighing 6 against drawn rows near 1 made the batch half its size)
+    c  <- with ``split_importance`` (off by default): c scaled so that each half (queued, drawn) sums
+          to its number of rows (self-normalised importance sampling per half: each estimates the
+          weighted loss, and neither drowns the other)
     c  <- max(c / sum c, IMPORTANCE_FLOOR), renormalised to sum to 1
 """
 
@@ -130,13 +130,13 @@ class Sampler:
             t.unscored.extend(rows[missing & queued])  # still to be scored: back in the queue
         keep = ~(evicted | missing)
         rows, importance, queued = rows[keep], importance[keep], queued[keep]
-        # each half self-normalised, then weighted by its share of the batch: both halves estimate the
-        # weighted loss, and a queue of high-weight rows (coefficient w_i) no longer drowns the drawn half
-        # (coefficient ~1)
-        for part in (queued, ~queued):
-            total = float(importance[part].sum())
-            if total > 0:
-                importance[part] *= part.sum() / total
+        # split_importance: each half self-normalised, then weighted by its share of the batch, so a queue
+        # of high-weight rows (coefficient w_i) does not drown the drawn half (coefficient ~1)
+        if s.split_importance:
+            for part in (queued, ~queued):
+                total = float(importance[part].sum())
+                if total > 0:
+                    importance[part] *= part.sum() / total
         importance = np.maximum(importance / max(importance.sum(), 1e-12), IMPORTANCE_FLOOR)
         kept = [p for p, k in zip(payloads, keep, strict=True) if k]
         return Draw(rows, importance / importance.sum(), queued, kept)

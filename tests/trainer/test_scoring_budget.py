@@ -88,7 +88,7 @@ def test_each_half_of_a_batch_carries_its_share_of_the_loss_whatever_the_queued_
     """Queued rows' coefficient is their weight, drawn rows' w / (n q), about 1: without per-half
     normalisation, a queue of clean rows weighing 6 (beside a flood weighing nothing) took 6/7 of the
     loss and the batch trained like half its size."""
-    t, s = WeightTable(), sampler(source_scoring_target=1000)
+    t, s = WeightTable(), sampler(source_scoring_target=1000, split_importance=True)
     t.add(np.arange(600), np.arange(600, dtype=np.uint64), ["clean"] * 100 + ["flood"] * 500)
     s.reweight(t, np.r_[np.full(100, 5.99), np.full(500, 0.002)].astype(np.float32))
     d = s.draw(t, _Cache(), from_queue=True)
