@@ -93,12 +93,13 @@ class TrainerSettings(Settings):
         1.0, ge=0, description="the teacher's log-probability's factor in a sample's logit (1: weight x P)"
     )
     familiar_quantile: float = Field(
-        0.05,
+        0.0,
         ge=0,
         le=1,
-        description="a sample whose first loss is below this quantile of unseen validation items' losses "
-        "counts as partly familiar (a near-copy of learnt content) and weighs less; 0: off "
-        "(trainer/weighting/teacher.py familiarity)",
+        description="a source whose samples' first losses lie below this quantile of unseen validation "
+        "items' losses more often than the mix's is penalised as redundant (trainer/weighting/teacher.py "
+        "familiarity); 0 (the default): off. At 0.05 the demo's good agent, whose right answers recur, "
+        "once fell below its sloppy one",
     )
     share_copies: Literal["excess", "all", "none"] = Field(
         "excess",

@@ -26,7 +26,7 @@ POOL_WRONG = [s for s in blobs(400, 23, source="b", noisy=True, prefix="w") if s
 
 
 def settings(**overrides: Any) -> TrainerSettings:
-    values: dict[str, Any] = {"model": "mlp", "model_params": MLP, **overrides}
+    values: dict[str, Any] = {"model": "mlp", "model_params": MLP, "familiar_quantile": 0.05, **overrides}
     return TrainerSettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
