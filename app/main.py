@@ -23,21 +23,33 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import parse_keys
 from app.errors import install_error_handlers
+from app.logs import REQUEST_ID_MIDDLEWARE, CorrelationIdMiddleware, setup_logging
 from app.middleware import ErrorsAsJSON, HeadAsGet, HttpMetrics, RequestMetrics
 from app.responses import ERROR_RESPONSES
-from app.routes import checkpoints, docs, quarantine, samples, status, validation, weights
+from app.routes import (
+    checkpoints,
+    dashboard,
+    docs,
+    quarantine,
+    samples,
+    status,
+    validation,
+    weight_history,
+    weights,
+)
 from app.schema import InputSpec
 from store.buffer import SampleBuffer
 from store.config import Settings
 from store.embedded import resolve_redis_url
 from store.keys import Keys
-from store.meta import make_engine, migrate
+from store.meta import check_schema, make_engine, migrate
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    setup_logging(settings.log_format)  # here, not in the CLI: uvicorn's workers each build their own app
     api_keys = parse_keys(settings.api_keys)  # a malformed or empty spec fails here, at start-up
 
     @asynccontextmanager
@@ -59,7 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             statement_timeout=settings.database_timeout,
         )
         try:
-            await run_in_threadpool(_migrate, database_url)
+            if settings.auto_migrate:
+                await run_in_threadpool(_migrate, database_url)
+            else:  # `datadiet migrate` owns the schema: refuse to serve on one this code does not know
+                await run_in_threadpool(check_schema, engine)
             app.state.settings = settings
             app.state.api_keys = api_keys
             app.state.engine = engine
@@ -93,8 +108,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.http_metrics = HttpMetrics()  # served by GET /metrics with the buffer's numbers
     app.add_middleware(ErrorsAsJSON)
     app.add_middleware(RequestMetrics, metrics=app.state.http_metrics)
-    app.add_middleware(HeadAsGet)  # added last: outermost, so it also drops the body of error answers
-    for module in (samples, validation, weights, checkpoints, quarantine, status, docs):
+    app.add_middleware(HeadAsGet)  # outermost but one, so it also drops the body of error answers
+    app.add_middleware(CorrelationIdMiddleware, **REQUEST_ID_MIDDLEWARE)  # X-Request-ID on every answer
+    for module in (
+        samples,
+        validation,
+        weights,
+        weight_history,
+        checkpoints,
+        quarantine,
+        status,
+        docs,
+        dashboard,
+    ):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
 

@@ -124,6 +124,19 @@ class SampleWeights(Open):
     sources: dict[str, str | None] | None = Field(None, description="only with order=asc|desc")
 
 
+class WeightSnapshotOut(Open):
+    step: int
+    created_at: str = Field(description="ISO 8601, UTC")
+    sources: dict[str, float] = Field(description="each source's share of the training signal; sums to 1")
+    summary: dict[str, Any] = Field(description="the weight summary, as GET /v1/weights had it then")
+
+
+class WeightHistory(Open):
+    """``GET /v1/weights/history``: the weight snapshots recorded with each checkpoint, newest first."""
+
+    snapshots: list[WeightSnapshotOut]
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 
