@@ -3,6 +3,7 @@
 datadiet demo                 # the service plus simulated agents; a summary at the end
 datadiet up                   # API + trainer on the embedded defaults (Redis, SQLite) until Ctrl-C
 datadiet serve | train        # one part alone
+datadiet migrate              # bring the database schema up to date (once per deployment and upgrade)
 datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
 datadiet weights              # source weights and the weight summary, as a table
 datadiet pull ./models/       # the latest checkpoint, downloaded only when it changed
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import logging
 import os
 import sys
 import time
@@ -49,8 +49,11 @@ def _check_bind(host: str) -> None:
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    """The process's logs in ``DATADIET_LOG_FORMAT`` (app/logs.py: the API and the trainer use the same)."""
+    from app.logs import setup_logging
+    from store.config import Settings
+
+    setup_logging(Settings().log_format)
 
 
 def _settings() -> Settings:
@@ -126,6 +129,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    """Alembic upgrade to the newest revision; one log line says which. Exit 1 with one line when the
+    database cannot be reached or migrated."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from store.meta import make_engine, migrate
+    from store.processes import one_line
+
+    settings = _settings()
+    _logging()
+    url = settings.resolved_database_url
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as e:
+        print(f"datadiet: invalid DATADIET_DATABASE_URL: {one_line(e)}", file=sys.stderr)
+        return 1
+    try:
+        migrate(engine)
+    except SQLAlchemyError as e:
+        print(f"datadiet: cannot migrate the database at {shown}: {one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -300,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run the trainer alone", description="run the trainer alone").set_defaults(
         fn=cmd_train
     )
+    mig = "upgrade the database schema to this version's (the API and trainer do it themselves unless "
+    mig += "DATADIET_AUTO_MIGRATE=false)"
+    sub.add_parser("migrate", help=mig, description=mig).set_defaults(fn=cmd_migrate)
 
     pu = client("push", "post samples from a JSON-lines file (one sample a line)")
     pu.add_argument("file", help="a .jsonl file of samples")

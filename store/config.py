@@ -58,6 +58,18 @@ class Settings(BaseSettings):
         10.0, gt=0, description="seconds the API waits for the next piece of a request body before a 408"
     )
 
+    auto_migrate: bool = Field(
+        True,
+        description="the API and the trainer upgrade the database schema at start; false: only "
+        "`datadiet migrate` does, and an API or trainer whose schema is behind refuses to start "
+        "(docker-compose.yml runs `migrate` as a one-shot service before them)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per record; json: one JSON object per line (time, level, "
+        "logger, message, and request_id on the API's lines), for a log collector",
+    )
+
     @field_validator("model_params", mode="before")
     @classmethod
     def _parse_json(cls, v: Any) -> Any:

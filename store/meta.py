@@ -22,6 +22,8 @@ from sqlalchemy.types import TypeDecorator
 
 log = logging.getLogger(__name__)
 
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -196,17 +198,64 @@ def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (a no-op when it is there already)."""
+def migrate(engine: Engine) -> str:
+    """Bring the schema to the newest Alembic revision (a no-op when it is there already); returns that
+    revision.
+
+    Logs one line: the revision the schema is at, or the one it was upgraded from and to. Alembic's own
+    INFO lines (its plugins at import, "Context impl", "Will assume transactional DDL", each revision run)
+    are silenced: its logger is set to WARNING before Alembic is imported.
+    """
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with _sqlite_migration_lock(engine), engine.begin() as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+        after = MigrationContext.configure(conn).get_current_revision() or ""
+    if before == after:
+        log.info("database schema at revision %s", after)
+    else:
+        log.info("database schema upgraded from %s to revision %s", before or "empty", after)
+    return after
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """``(current, head)``: the revision the database's schema is at (None for an empty database) and the
+    newest one this code knows (``store/migrations/versions``). Raises SQLAlchemy's ``OperationalError``
+    when the database does not answer."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head() or ""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision(), head
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database's schema is not at this code's revision and this process may not migrate it
+    (``DATADIET_AUTO_MIGRATE=false``): run ``datadiet migrate`` first."""
+
+
+def check_schema(engine: Engine) -> str:
+    """The schema's revision when it is the newest this code knows; else ``SchemaNotCurrent`` naming both
+    revisions and the command that fixes it."""
+    current, head = schema_revisions(engine)
+    if current != head:
+        raise SchemaNotCurrent(
+            f"the database schema is at revision {current or 'none (empty database)'}, this code needs "
+            f"{head}, and DATADIET_AUTO_MIGRATE is off: run `datadiet migrate` first"
+        )
+    return head
 
 
 def latest_checkpoint(session: Session) -> Checkpoint | None:

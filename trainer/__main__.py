@@ -8,7 +8,8 @@ DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... py
 One trainer trains a deployment at a time: a second one waits for the first's lease (store/lease.py), or
 exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out. A model
 that cannot be built (a missing model path, an unknown config key, an extra not installed) is one log line
-and exit status 78.
+and exit status 78, as is a database schema behind this code's under DATADIET_AUTO_MIGRATE=false (run
+`datadiet migrate`). Logs: DATADIET_LOG_FORMAT=json for JSON lines (app/logs.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import sys
 
 import redis
 
+from app.logs import setup_logging
 from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
 from store.keys import Keys
-from store.meta import make_engine, migrate
+from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
 from trainer.loop import Trainer
 from trainer.models.base import ModelNotFound
 from trainer.outage import DATABASE_ERRORS, Dependency
@@ -31,16 +33,20 @@ EXIT_CONFIG = 78  # EX_CONFIG: the model cannot be built from its settings (a mi
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     settings = TrainerSettings()
+    setup_logging(settings.log_format)
     settings.ensure_data_dir()
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     engine = make_engine(settings.resolved_database_url)
     try:
         # a database that is down at start is waited for (with backoff), never a reason to exit
-        Dependency("database", DATABASE_ERRORS, max_delay_s=settings.max_backoff_s).wait_for(
-            lambda: migrate(engine)
-        )
+        try:
+            Dependency("database", DATABASE_ERRORS, max_delay_s=settings.max_backoff_s).wait_for(
+                lambda: migrate(engine) if settings.auto_migrate else check_schema(engine)
+            )
+        except SchemaNotCurrent as e:  # DATADIET_AUTO_MIGRATE=false and `datadiet migrate` has not run
+            logging.getLogger("datadiet.trainer").error("%s", e)
+            return EXIT_CONFIG
         # a hung Redis fails a call after 10 s (the longest blocking read is 1 s) instead of holding it
         client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
