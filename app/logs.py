@@ -81,6 +81,7 @@ class JsonLineFormatter(JsonFormatter):
         super().add_fields(log_data, record, message)
         if log_data.get("request_id") is None:
             log_data.pop("request_id", None)
+        log_data.pop("color_message", None)  # uvicorn's copy of the message with terminal colours
 
 
 def setup_logging(log_format: Literal["text", "json"] = "text", level: int = logging.INFO) -> None:
