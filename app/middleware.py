@@ -71,8 +71,9 @@ class HttpMetrics:
         )
         self.duration = Histogram(
             "datadiet_http_request_duration_seconds",
-            "Time from a request's arrival to the last byte of its answer, by route template and method",
-            ["route", "method"],
+            "Time from a request's arrival to the last byte of its answer, by route template, method and "
+            "status code",
+            ["route", "method", "status"],
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -87,7 +88,7 @@ class HttpMetrics:
         if (children := self._children.get(key)) is None:  # labels() takes a lock: look each up once
             children = self._children[key] = (
                 self.requests.labels(route, method, str(status)),
-                self.duration.labels(route, method),
+                self.duration.labels(route, method, str(status)),
             )
         children[0].inc()
         children[1].observe(seconds)

@@ -2,34 +2,43 @@
 
 ``/metrics`` (Prometheus text format 0.0.4, with HELP and TYPE lines) has two parts:
 
-- the buffer's, validation set's and trainer's numbers, read from Redis at scrape time (the values
-  ``/v1/stats`` reports) by ``StatsCollector``, a custom collector built for each scrape: counters kept in
-  Redis are exposed as counters, never copied into process-local ones, so every API worker reports the same
+- the buffer's, validation set's and trainer's numbers, read at scrape time by ``StatsCollector``, a
+  prometheus_client custom collector built for each scrape: the ``/v1/stats`` values and the published
+  weights' summary from Redis, the newest checkpoint's version from the database. Counters kept in Redis
+  are exposed as counters, never copied into process-local ones, so every API worker reports the same
   totals;
-- the API's request metrics (``app.middleware.HttpMetrics``), in the app's own registry: requests by route
-  template, method and status, and their latency by route template and method. These are this process's:
-  with several workers, each scrape sees one worker's.
+- the API's request metrics (``app.middleware.HttpMetrics``), in the app's own registry: requests and
+  their latency by route template, method and status. These are this process's: with several workers,
+  each scrape sees one worker's.
+
+docs/operations.md lists every family with its meaning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import anyio
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from app.auth import require
 from app.deps import BufferDep, EngineDep, run_db
 from app.errors import RETRY_AFTER_S
 from app.responses import Health, Ready, Stats
 from store.config import Settings
+from store.meta import latest_checkpoint
 
 router = APIRouter(tags=["status"])
 
@@ -96,19 +105,40 @@ METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text form
     },
     dependencies=[require("read")],
 )
-async def metrics(*, request: Request, buffer: BufferDep) -> Response:
-    """Prometheus text format: the buffer, validation set and trainer (from Redis, at scrape time), and
-    this process's request counts and latencies."""
-    scraped = StatsCollector(await buffer.stats())
+async def metrics(*, request: Request, buffer: BufferDep, engine: EngineDep) -> Response:
+    """Prometheus text format: the buffer, validation set and trainer as Redis and the database hold them
+    now (read at each scrape), and this process's request counts and latencies."""
+    stats, weights = await asyncio.gather(buffer.stats(), buffer.r.get(buffer.k.weights))
+    version = await run_db(request, _latest_version, engine)
+    scraped = StatsCollector(stats, orjson.loads(weights) if weights else None, version, time.time())
     body = generate_latest(scraped) + generate_latest(request.app.state.http_metrics.registry)
     return Response(body, media_type=METRICS_MEDIA_TYPE)
 
 
-class StatsCollector:
-    """The numbers of one ``/v1/stats`` answer as Prometheus metrics (names as dashboards know them)."""
+def _latest_version(engine: Engine) -> int | None:
+    with Session(engine) as session:
+        latest = latest_checkpoint(session)
+        return None if latest is None else latest.version
 
-    def __init__(self, stats: dict[str, Any]) -> None:
-        self.stats = stats
+
+class StatsCollector(Collector):
+    """One scrape's numbers as Prometheus metric families (a prometheus_client custom collector, built for
+    each scrape from what Redis and the database hold, so every API worker reports the same values).
+
+    Counters kept in Redis are exposed as counters, never copied into process-local ones. The trainer's
+    numbers are its status hash (``Keys.trainer``) as the API reads it, named ``datadiet_reported_*``: the
+    trainer's own metrics port (``datadiet_trainer_*``) serves its live values; these say what the API,
+    and so every agent, sees. A number the trainer has not reported yet is absent, not 0.
+    """
+
+    def __init__(
+        self,
+        stats: dict[str, Any],
+        weights: dict[str, Any] | None,
+        checkpoint_version: int | None,
+        now: float,
+    ) -> None:
+        self.stats, self.weights, self.checkpoint_version, self.now = stats, weights, checkpoint_version, now
 
     def collect(self) -> Iterator[Metric]:
         b, v, t = self.stats["buffer"], self.stats["validation"], self.stats["trainer"]
@@ -127,13 +157,39 @@ class StatsCollector:
             "datadiet_validation_version", "Version of the validation set (0 before the first)", v["version"]
         )
         yield GaugeMetricFamily("datadiet_validation_samples", "Samples in the validation set", v["count"])
-        if t["step"] is not None:
-            yield GaugeMetricFamily("datadiet_trainer_step", "The trainer's last reported step", t["step"])
-        if t["steps_per_s"] is not None:
+        if self.checkpoint_version is not None:
             yield GaugeMetricFamily(
-                "datadiet_trainer_steps_per_second", "The trainer's recent speed", t["steps_per_s"]
+                "datadiet_checkpoint_version",
+                "Version of the newest published checkpoint (GET /v1/checkpoints/latest)",
+                self.checkpoint_version,
             )
-        if t["val_loss"] is not None:
+        summary = (self.weights or {}).get("summary") or {}
+        if isinstance(summary.get("effective_fraction"), int | float):
             yield GaugeMetricFamily(
-                "datadiet_trainer_val_loss", "The trainer's last loss on the validation set", t["val_loss"]
+                "datadiet_weights_effective_fraction",
+                "Share of live samples whose published weight is at least 0.1 (GET /v1/weights)",
+                summary["effective_fraction"],
             )
+        reported = (
+            ("step", t["step"], "The trainer's last reported step"),
+            ("steps_per_second", t["steps_per_s"], "The trainer's recent speed, in steps per second"),
+            ("val_loss", t["val_loss"], "The trainer's last loss on the validation set"),
+            ("scoring_backlog_samples", t.get("unscored"), "Queued samples the trainer has not scored yet"),
+        )
+        for name, value, help_text in reported:
+            if value is not None:
+                yield GaugeMetricFamily(f"datadiet_reported_trainer_{name}", help_text, value)
+        if (age := _age_s(t.get("updated_at"), self.now)) is not None:
+            yield GaugeMetricFamily(
+                "datadiet_reported_trainer_age_seconds",
+                "Seconds since the trainer last reported (it reports every few seconds, idle or not)",
+                age,
+            )
+
+
+def _age_s(iso: str | None, now: float) -> float | None:
+    """Seconds from the ISO 8601 time ``iso`` to the unix time ``now``; None when absent or unreadable."""
+    try:
+        return max(0.0, now - datetime.fromisoformat(iso).timestamp()) if iso else None
+    except ValueError:
+        return None

@@ -1,11 +1,14 @@
-"""``GET /metrics``: Prometheus text with HELP and TYPE lines, the names dashboards know, and request metrics
-by route template, method and status."""
+"""``GET /metrics``: Prometheus text with HELP and TYPE lines, the names dashboards know, the trainer's
+published numbers as the API reads them, and request counts and latencies by route template, method and
+status, all parsed with prometheus_client's own parser after real requests."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import redis
+from checkpoint_rows import publish_checkpoint
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -66,21 +69,41 @@ def test_metrics_parse_with_help_and_type_and_keep_the_dashboard_names(app_clien
     assert value(metrics["datadiet_samples_ingested"], "datadiet_samples_ingested_total") == 3
     assert value(metrics["datadiet_samples_duplicates"], "datadiet_samples_duplicates_total") == 1
     assert value(metrics["datadiet_validation_version"], "datadiet_validation_version") == 1
-    assert "datadiet_trainer_step" not in metrics  # the trainer has not reported yet
+    assert "datadiet_reported_trainer_step" not in metrics  # the trainer has not reported yet
 
 
-def test_trainer_step_and_val_loss_appear_once_the_trainer_reports(
+def test_the_trainer_numbers_appear_once_the_trainer_reports(
     app_client: TestClient, make_settings: Callable[..., Settings], redis_url: str
 ) -> None:
-    feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys(make_settings().redis_prefix))
+    """What the trainer published in Redis, as the API reads it: its status hash, the weights' summary, and
+    the newest checkpoint in the database; named ``datadiet_reported_*`` beside the trainer's own port."""
+    settings = make_settings()
+    before = scrape(app_client)
+    assert not any(name.startswith("datadiet_reported_") for name in before)
+    assert "datadiet_weights_effective_fraction" not in before
+    assert "datadiet_checkpoint_version" not in before
+
+    feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys(settings.redis_prefix))
     assert feed.lease.acquire(wait=False)
-    feed.set_status(step=12, steps_per_s=3.5, val_loss=0.25)
+    reported_at = datetime.now(UTC) - timedelta(seconds=30)
+    feed.set_status(step=12, steps_per_s=3.5, val_loss=0.25, unscored=40, updated_at=reported_at.isoformat())
+    summary = {"count": 10, "effective_fraction": 0.7, "mean": 1.0, "histogram": {"edges": [], "counts": []}}
+    feed.publish_weights({"step": 12, "sources": {"a": 1.0}, "summary": summary}, [], [])
+    publish_checkpoint(settings.resolved_database_url, settings.data_dir, 3, b"weights")
 
     metrics = scrape(app_client)
 
-    assert value(metrics["datadiet_trainer_step"], "datadiet_trainer_step") == 12
-    assert value(metrics["datadiet_trainer_val_loss"], "datadiet_trainer_val_loss") == 0.25
-    assert value(metrics["datadiet_trainer_steps_per_second"], "datadiet_trainer_steps_per_second") == 3.5
+    def one(name: str) -> float:
+        return value(metrics[name], name)
+
+    assert one("datadiet_reported_trainer_step") == 12
+    assert one("datadiet_reported_trainer_val_loss") == 0.25
+    assert one("datadiet_reported_trainer_steps_per_second") == 3.5
+    assert one("datadiet_reported_trainer_scoring_backlog_samples") == 40
+    assert 30 <= one("datadiet_reported_trainer_age_seconds") < 60
+    assert one("datadiet_weights_effective_fraction") == 0.7
+    assert one("datadiet_checkpoint_version") == 3
+    assert not any(name.startswith("datadiet_trainer_") for name in metrics)  # the trainer port's prefix
 
 
 def test_request_counts_grow_by_route_template_method_and_status(app_client: TestClient) -> None:
@@ -105,9 +128,13 @@ def test_request_counts_grow_by_route_template_method_and_status(app_client: Tes
     routes = {s.labels["route"] for s in after["datadiet_http_requests"]}
     assert not any("nope" in r or "no/such" in r for r in routes)
     latency = after["datadiet_http_request_duration_seconds"]
-    count = value(latency, "datadiet_http_request_duration_seconds_count", route=SAMPLE_ROUTE, method="GET")
-    assert count == 3
-    assert value(latency, "datadiet_http_request_duration_seconds_sum", route=SAMPLE_ROUTE, method="GET") > 0
+    labels = {"route": SAMPLE_ROUTE, "method": "GET", "status": "404"}
+    assert value(latency, "datadiet_http_request_duration_seconds_count", **labels) == 3
+    assert value(latency, "datadiet_http_request_duration_seconds_sum", **labels) > 0
+    posted = {"route": "/v1/samples", "method": "POST", "status": "202"}
+    assert value(latency, "datadiet_http_request_duration_seconds_count", **posted) == 1
+    buckets = [s for s in latency if s.name.endswith("_bucket") and s.labels.items() >= labels.items()]
+    assert buckets and buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 3
 
 
 def test_each_app_counts_its_own_requests(
