@@ -59,9 +59,9 @@ def make_samples(tag: str, n: int) -> list[dict[str, object]]:
     ]
 
 
-def batches(samples: list[dict[str, object]]) -> list[bytes]:
-    """Request bodies of BATCH samples, encoded before the clock starts."""
-    return [orjson.dumps({"samples": samples[i : i + BATCH]}) for i in range(0, len(samples), BATCH)]
+def batches(samples: list[dict[str, object]], batch: int = BATCH) -> list[bytes]:
+    """Request bodies of ``batch`` samples, encoded before the clock starts."""
+    return [orjson.dumps({"samples": samples[i : i + batch]}) for i in range(0, len(samples), batch)]
 
 
 def post_all(base_url: str, bodies: list[bytes]) -> int:
@@ -74,9 +74,10 @@ def post_all(base_url: str, bodies: list[bytes]) -> int:
     return accepted
 
 
-def time_http(base_url: str, samples: list[dict[str, object]], clients: int) -> float:
-    """Seconds for ``clients`` concurrent clients to post ``samples`` (split between them)."""
-    bodies = batches(samples)
+def time_http(base_url: str, samples: list[dict[str, object]], clients: int, batch: int = BATCH) -> float:
+    """Seconds for ``clients`` concurrent clients to post ``samples`` (split between them), ``batch`` per
+    request."""
+    bodies = batches(samples, batch)
     shares = [bodies[c::clients] for c in range(clients)]
     with ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
@@ -87,13 +88,13 @@ def time_http(base_url: str, samples: list[dict[str, object]], clients: int) -> 
     return elapsed
 
 
-def time_raw(r: redis.Redis, samples: list[dict[str, object]]) -> float:
-    """Seconds to XADD every sample's payload into a scratch stream, pipelined in batches of BATCH."""
+def time_raw(r: redis.Redis, samples: list[dict[str, object]], batch: int = BATCH) -> float:
+    """Seconds to XADD every sample's payload into a scratch stream, pipelined in batches of ``batch``."""
     payloads = [orjson.dumps(s) for s in samples]
     start = time.perf_counter()
-    for i in range(0, len(payloads), BATCH):
+    for i in range(0, len(payloads), batch):
         pipe = r.pipeline(transaction=False)
-        for p in payloads[i : i + BATCH]:
+        for p in payloads[i : i + batch]:
             pipe.xadd("bench:raw", {"p": p})
         pipe.execute()
     elapsed = time.perf_counter() - start

@@ -1,0 +1,248 @@
+"""``bench/perf.py``'s sections on what is stored: publishing weights (3), checkpoint pulls (4) and memory
+per sample (5).
+
+Publishing drives ``trainer.publish.Publisher.publish_weights`` (its public call, whatever it does inside)
+on a ``WeightTable`` of 1,000,000 live rows built as ``bench/trainer_cost.py`` builds it, weights changed
+through ``Sampler.reweight`` as the trainer changes them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from bench.perf_common import (
+    Scale,
+    Table,
+    deployment,
+    fill_buffer,
+    median,
+    ratio,
+    redis_info,
+    run_load,
+    text_records,
+    verdict,
+)
+from store.feed import TrainerFeed
+from store.keys import UNWEIGHTED_PRIORITY, Keys
+from store.meta import make_engine, migrate
+
+PUBLISH_TARGET_S = 0.5
+REDIS_TARGET, TRAINER_TARGET_B = 1.3, 64
+MB = 1e6
+
+
+def net_counters(r: redis.Redis) -> tuple[int, int]:
+    """(bytes Redis has read from clients, commands it has run) since it started (INFO stats)."""
+    stats = redis_info(r, "stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_commands_processed"])
+
+
+def measured(r: redis.Redis, fn: object) -> tuple[float, int, int]:
+    """(seconds, bytes written to Redis, commands) of one call of ``fn``."""
+    assert callable(fn)
+    b0, c0 = net_counters(r)
+    start = time.perf_counter()
+    fn()
+    secs = time.perf_counter() - start
+    b1, c1 = net_counters(r)
+    return secs, b1 - b0, c1 - c0 - 1  # the INFO call itself
+
+
+# ----------------------------------------------------------------------------------------- 3. publishing
+def publish(t: Table, s: Scale, work: Path) -> None:
+    """Seconds and bytes per ``Publisher.publish_weights`` at ``s.publish_rows`` live rows: a first publish,
+    then after 1%, 10% and 100% of the weights changed; beside raw ZADD XX of the changed rows (floor)."""
+    from bench.trainer_cost import fill_table
+    from trainer.publish import Publisher
+    from trainer.sampler import Sampler
+    from trainer.settings import TrainerSettings
+
+    t.columns = ["publish", "rows changed", "s (median)", "MB to Redis", "commands",
+                 "floor s: raw ZADD XX of changed rows", "floor MB", "time vs floor", "target"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    table = fill_table(s.publish_rows, 5_000)
+    t.notes.append(f"Table of {table.live:,} live rows built in {time.perf_counter() - start:.1f} s.")
+    sampler = Sampler(TrainerSettings(_env_file=None), rng)
+    live = np.flatnonzero(table.alive)
+    weights = np.zeros(table.n, dtype=np.float32)
+    weights[live] = rng.lognormal(0, 1, len(live))
+    sampler.reweight(table, weights)
+    with deployment(work) as d:
+        r = d.client()
+        keys = Keys()
+        ordinals = table.ordinal[live].tolist()
+        for i in range(0, len(ordinals), 50_000):  # the rank zset holds every sample, as the buffer's does
+            r.zadd(keys.priority, {str(o): UNWEIGHTED_PRIORITY + o for o in ordinals[i : i + 50_000]})
+        engine = make_engine(f"sqlite:///{work / 'meta.db'}")
+        migrate(engine)
+        kinds = [
+            "first publish (everything new)",
+            "after 1% changed",
+            "after 10% changed",
+            "after 100% changed",
+        ]
+        fracs = [None, 0.01, 0.1, 1.0]
+        got: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
+        floor: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
+        changed: dict[str, int] = {}
+        for rnd in range(s.rounds):
+            publisher = Publisher(TrainerFeed(r, keys), engine, work / "data", 2.0)  # knows nothing yet
+            for kind, frac in zip(kinds, fracs, strict=True):
+                rows = live
+                if frac is not None:
+                    rows = rng.choice(live, max(1, int(frac * len(live))), replace=False)
+                    w = table.weight.copy()
+                    w[rows] *= rng.lognormal(0, 0.5, len(rows)).astype(np.float32)
+                    sampler.reweight(table, w)
+                changed[kind] = len(rows)
+                step = 10 * rnd + len(got[kind])
+                call = partial(publisher.publish_weights, table, step, "bilevel", {})
+                got[kind].append(measured(r, call))
+                pairs = [
+                    (str(o), float(x)) for o, x in zip(table.ordinal[rows], table.weight[rows], strict=True)
+                ]
+                floor[kind].append(measured(r, lambda pairs=pairs: raw_zadd(r, keys.priority, pairs)))
+            publisher.feed.lease.release()  # the next round's Publisher takes it
+            print(f"  publish round {rnd + 1}/{s.rounds}: "
+                  + ", ".join(f"{k.split(' (')[0]} {v[-1][0]:.2f} s" for k, v in got.items()),
+                  file=sys.stderr)  # fmt: skip
+        engine.dispose()
+    for kind in kinds:
+        secs = median([x[0] for x in got[kind]])
+        fsecs = median([x[0] for x in floor[kind]])
+        target = ""
+        if kind == "after 1% changed":
+            target = f"<= {PUBLISH_TARGET_S} s: {verdict(secs <= PUBLISH_TARGET_S)}"
+        t.add(kind, changed[kind], secs, median([x[1] for x in got[kind]]) / MB,
+              int(median([x[2] for x in got[kind]])), fsecs, median([x[1] for x in floor[kind]]) / MB,
+              ratio(secs, fsecs), target)  # fmt: skip
+    t.notes.append(
+        f"`Publisher.publish_weights` (a new Publisher each round, so its first publish knows nothing) "
+        f"on {table.live:,} live rows, {s.rounds} rounds, medians; weights changed through "
+        "`Sampler.reweight`. MB to Redis: `INFO stats` total_net_input_bytes before and after (the status "
+        "hash and weights document included). Floor: redis-py ZADD XX of just the changed rows' "
+        "(ordinal, weight) pairs, 20,000 per command, pipelined."
+    )
+
+
+def raw_zadd(r: redis.Redis, key: str, pairs: list[tuple[str, float]], chunk: int = 20_000) -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(0, len(pairs), chunk):
+        pipe.zadd(key, dict(pairs[i : i + chunk]), xx=True)
+    pipe.execute()
+
+
+# ------------------------------------------------------------------------------------ 4. checkpoint pull
+def checkpoint(t: Table, s: Scale, work: Path) -> None:
+    """MB/s of ``GET /v1/checkpoints/{v}/file`` for a ~``s.checkpoint_mb`` MB checkpoint beside reading the
+    file from disk, and the latency of the 304 answer beside ``/healthz``'s (one connection each)."""
+    from store.checkpoints import checkpoint_path
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models import build_model
+    from trainer.publish import Publisher
+
+    t.columns = ["path", "MB/s (median)", "p50 ms", "p99 ms", "vs floor", "target"]
+    hidden = int(math.sqrt(s.checkpoint_mb * MB / 4))  # an mlp whose hidden x hidden layer is most of it
+    model = build_model("mlp", {"n_features": 64, "n_classes": 10, "hidden": [hidden, hidden]})
+    with deployment(work) as d:
+        data = work / "data"
+        path = checkpoint_path(data, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sha, size = save_checkpoint(path, model, {"step": 1, "version": 1})
+        del model
+        engine = make_engine(d.settings()["database_url"])
+        migrate(engine)
+        publisher = Publisher(TrainerFeed(d.client(), Keys()), engine, data, 2.0)
+        values = {"version": 1, "step": 1, "sha256": sha, "size": size, "path": str(path.resolve()),
+                  "model_kind": "mlp", "config": {}, "metrics": {}}  # fmt: skip
+        publisher.pending.append((values, None))  # the trainer's way in: its queued SQL row
+        publisher.register_pending()
+        engine.dispose()
+        _, url = d.api("api")
+        disk = []
+        for _ in range(s.checkpoint_rounds + 1):  # the first warms the page cache
+            start = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                buf = bytearray(1 << 20)
+                while f.readinto(buf):
+                    pass
+            disk.append(size / (time.perf_counter() - start) / MB)
+        out = run_load(url, "/v1/checkpoints/1/file", download=s.checkpoint_rounds + 1)
+        if set(out["statuses"]) != {200} or set(out["bytes"]) != {size}:
+            raise RuntimeError(f"downloads answered {out['statuses']} with {sorted(set(out['bytes']))} bytes")
+        http = [size / x / MB for x in out["seconds"][1:]]
+        not_mod = run_load(url, "/v1/checkpoints/1/file", conns=1, seconds=s.read_seconds,
+                           headers=(f'If-None-Match: "{sha}"',))  # fmt: skip
+        health = run_load(url, "/healthz", conns=1, seconds=s.read_seconds)
+    t.add("read the file from disk (page cache warm; floor)", median(disk[1:]), None, None, "1.00x", "")
+    rate = median(http)
+    t.add("GET /v1/checkpoints/1/file", rate, None, None, ratio(rate, median(disk[1:])),
+          f">= 50% of disk: {verdict(rate >= 0.5 * median(disk[1:]))}")  # fmt: skip
+    p99 = not_mod["p99_ms"]
+    codes = ", ".join(f"{k}: {v}" for k, v in not_mod["statuses"].items())
+    t.add(f"GET .../file, If-None-Match (statuses {codes})", None, not_mod["p50_ms"], p99,
+          ratio(p99, health["p99_ms"]), f"p99 <= 5 ms: {verdict(p99 is not None and p99 <= 5)}")  # fmt: skip
+    t.add("GET /healthz (floor of the 304)", None, health["p50_ms"], health["p99_ms"], "1.00x", "")
+    t.notes.append(
+        f"A {size / MB:.0f} MB safetensors checkpoint (mlp, hidden {hidden}x{hidden}) written with "
+        "`save_checkpoint` and registered through `Publisher.register_pending`; one uvicorn worker. "
+        f"Downloads: {s.checkpoint_rounds} sequential whole-file GETs on one keep-alive connection from "
+        "`bench/perf_load.py` (after one untimed), the disk floor: 1 MiB `readinto` of the same file, "
+        f"unbuffered. Latencies: one connection, closed loop, {s.read_seconds:g} s each."
+    )
+
+
+# ----------------------------------------------------------------------------------------- 5. memory
+def memory(t: Table, s: Scale, work: Path) -> None:
+    """Redis ``used_memory`` per stored sample of ~1 KB payload, against the payload bytes; the trainer's
+    bytes per live sample (the WeightTable's arrays and sum tree, with the bilevel rule's columns)."""
+    from bench.trainer_cost import fill_table
+    from trainer.settings import TrainerSettings
+    from trainer.weighting import make_weighting
+
+    t.columns = ["what", "bytes per sample", "vs payload", "target"]
+    n = s.memory_samples
+    with deployment(work) as d:
+        r = d.client()
+        before = int(redis_info(r, "memory")["used_memory"])
+        secs, payload = fill_buffer(d.url, n, lambda lo, hi: text_records(lo, hi, 1000), capacity=n)
+        after = int(redis_info(r, "memory")["used_memory"])
+        version = redis_info(r, "server")["redis_version"]
+        per_key = {}
+        k = Keys()
+        for name, key in [("ids hash (id -> ordinal)", k.ids), ("samples hash (payloads)", k.samples),
+                          ("ingest stream", k.ingest), ("rank zset", k.priority)]:  # fmt: skip
+            per_key[name] = int(r.memory_usage(key, samples=0) or 0)
+    pay = payload / n
+    used = (after - before) / n
+    t.add("payload: compact JSON as stored (floor)", pay, "1.00x", "")
+    t.add(
+        "Redis `used_memory` growth",
+        used,
+        ratio(used, pay),
+        f"<= {REDIS_TARGET}x: {verdict(used <= REDIS_TARGET * pay)}",
+    )
+    for name, b in per_key.items():
+        t.add(f"&nbsp;&nbsp;`MEMORY USAGE` {name}", b / n, ratio(b / n, pay), "")
+    table = fill_table(n, 5_000)
+    make_weighting(TrainerSettings(_env_file=None, reweight="bilevel")).attach(table)  # the rule's columns
+    cols = sum(c.nbytes for c in table.cols.values())
+    t.add("trainer: WeightTable columns (bilevel's included)", cols / table.live, "", "")
+    t.add("trainer: sampler's sum tree", table.tree.nbytes / table.live, "", "")
+    total = table.nbytes / table.live
+    t.add("trainer: all (`WeightTable.nbytes`)", total, "",
+          f"<= {TRAINER_TARGET_B} B: {verdict(total <= TRAINER_TARGET_B)}")  # fmt: skip
+    t.notes.append(
+        f"{n:,} samples of {pay:.0f} bytes (payload as stored) filled through the INGEST script in "
+        f"{secs:.1f} s into an empty redis-server (Redis {version}); `MEMORY USAGE ... SAMPLES 0` "
+        f"per key. The trainer's table: {table.live:,} live rows, capacity {len(table.cols['alive']):,} "
+        "(columns grow by doubling), built as `bench/trainer_cost.py` builds it."
+    )
