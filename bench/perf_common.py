@@ -70,7 +70,7 @@ class Scale:
             checkpoint_mb=20,
             checkpoint_rounds=3,
             memory_samples=50_000,
-            fresh_seconds=10.0,
+            fresh_seconds=6.0,
             step_rounds=3,
             step_steps=10,
             step_warmup=5,
@@ -108,10 +108,10 @@ class Table:
         return "\n".join(out)
 
     def numeric(self, i: int) -> bool:
-        """Whether column ``i`` holds numbers (right-aligned): no cell is text other than a ratio."""
-        cells = [row[i] for row in self.rows if i < len(row)]
-        return any(isinstance(c, int | float) for c in cells) and all(
-            c is None or isinstance(c, int | float) or (c.endswith("x") and c[:-1].replace(".", "").isdigit())
+        """Whether column ``i`` holds numbers or ratios (right-aligned) rather than text."""
+        cells = [row[i] for row in self.rows if i < len(row) and row[i] not in (None, "")]
+        return bool(cells) and all(
+            isinstance(c, int | float) or (c.endswith("x") and c[:-1].replace(".", "").isdigit())
             for c in cells
         )
 
