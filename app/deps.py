@@ -21,15 +21,16 @@ DRAIN_LIMIT = 64 * 1024 * 1024  # beyond this a refused upload is cut off instea
 T = TypeVar("T")
 
 
-def _buffer(request: Request) -> SampleBuffer:
+# async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop on every request
+async def _buffer(request: Request) -> SampleBuffer:
     return request.app.state.buffer
 
 
-def _spec(request: Request) -> InputSpec:
+async def _spec(request: Request) -> InputSpec:
     return request.app.state.input_spec
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 

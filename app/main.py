@@ -10,6 +10,8 @@ The app is stateless: everything lives in Redis and the database, which the life
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,7 +89,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.buffer_max_samples,
                 settings.validation_max_samples,
             )
-            yield
+            # the cached weights document follows the trainer's announcements on a connection of its own
+            announcements = aioredis.Redis.from_url(
+                url, socket_connect_timeout=settings.redis_timeout, socket_keepalive=True
+            )
+            follower = asyncio.create_task(app.state.buffer.follow_publications(announcements))
+            try:
+                yield
+            finally:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+                await announcements.aclose()
         finally:
             await client.aclose()
             engine.dispose()

@@ -8,15 +8,24 @@ payload fetches, publishing weights) is ``store.feed``.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from store import scripts
 from store.keys import UNWEIGHTED_PRIORITY, Keys
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_MAX_AGE_S = 5.0
+"""The longest a process serves its cached weights document without reading Redis again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +72,10 @@ class SampleBuffer:
         self.validation_max = validation_max
         self._ingest = client.register_script(scripts.INGEST)
         self._validation = client.register_script(scripts.VALIDATION)
+        self._weights_of = client.register_script(scripts.WEIGHTS_OF)
+        self._doc: tuple[bytes, float] | None = None  # (the weights document, monotonic time it was read)
+        self._generation = 0  # bumped each time the cached document is dropped
+        self._following = False  # subscribed to the trainer's announcements (follow_publications)
 
     async def ingest(self, records: list[SampleRecord]) -> IngestResult:
         args: list[Any] = [self.capacity, UNWEIGHTED_PRIORITY, stream_maxlen(self.capacity)]
@@ -88,20 +101,20 @@ class SampleBuffer:
         doc["weight"] = weight_from_priority(score)
         return doc
 
-    async def weights_of(self, ids: list[str]) -> dict[str, float]:
-        """Current weights of the given ids; unknown ids are absent."""
-        if not ids:
-            return {}
-        ordinals = await self.r.hmget(self.k.ids, ids)
-        known = [(i, o) for i, o in zip(ids, ordinals, strict=True) if o is not None]
-        if not known:
-            return {}
-        scores = await self.r.zmscore(self.k.priority, [o for _, o in known])
-        return {
-            i: w
-            for (i, _), s in zip(known, scores, strict=True)
-            if (w := weight_from_priority(s)) is not None
-        }
+    async def weights_of(self, ids: str) -> tuple[int, bytes]:
+        """The current weights of comma-separated sample ids, in one round trip (``scripts.WEIGHTS_OF``):
+        (the step they were published at, 0 before the first publication; the members of a JSON object,
+        ``"id":weight,...``, for the stored ids; unknown ids are absent, a repeated id appears once).
+
+        The caller checks the ids first: 1-128 characters of ``[A-Za-z0-9._:-]`` each (none needs escaping
+        in JSON); empty items between commas are skipped."""
+        keys = [self.k.ids, self.k.priority, self.k.trainer]
+        step, members = await self._weights_of(keys=keys, args=[ids, UNWEIGHTED_PRIORITY])
+        return int(step or 0), bytes(members)
+
+    async def weights_step(self) -> int:
+        """The step of the trainer's last published weights (0 before the first)."""
+        return int(await self.r.hget(self.k.trainer, "weights_step") or 0)
 
     async def ranked(self, order: str, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` lowest (asc) or highest (desc) weighted samples: id, source, weight."""
@@ -201,6 +214,54 @@ class SampleBuffer:
         unix time ``until``: retention keeps its file until then (trainer/publish.py)."""
         await self.r.zadd(self.k.downloads, {str(version): until})
 
-    async def weights_doc(self) -> dict[str, Any] | None:
+    # --- the weights document, cached in this process ------------------------------------------------
+    # Every GET /v1/weights would otherwise cost a Redis round trip (in redis-py's asyncio client, more CPU
+    # than the rest of the request). The trainer announces each new document on a Pub/Sub channel
+    # (scripts.FENCED_STATUS); while ``follow_publications`` is subscribed, the cached copy is served until
+    # that message drops it (milliseconds after a publication), and for at most WEIGHTS_MAX_AGE_S in any
+    # case (an operator's FLUSHALL publishes nothing). Unsubscribed (Redis down, reconnecting), every
+    # request reads Redis, as before: nothing is served that Redis could not confirm.
+
+    async def weights_raw(self) -> bytes | None:
+        """The weights document as the trainer published it (JSON bytes), or None before the first."""
+        cached = self._doc
+        if cached is not None and self._following and time.monotonic() - cached[1] < WEIGHTS_MAX_AGE_S:
+            return cached[0]
+        generation = self._generation
         raw = await self.r.get(self.k.weights)
-        return json.loads(raw) if raw else None
+        doc = bytes(raw) if raw else None
+        # a publication announced while this read was in flight may be newer than what it got: keep nothing
+        if doc is not None and self._following and generation == self._generation:
+            self._doc = (doc, time.monotonic())
+        return doc
+
+    def _drop_cached(self) -> None:
+        self._generation += 1
+        self._doc = None
+
+    async def follow_publications(self, client: aioredis.Redis, retry_s: float = 1.0) -> None:
+        """Keep this process's cached weights document current: subscribe to the trainer's announcements
+        and drop the copy on each (Redis Pub/Sub, at-most-once: a message lost while disconnected is made
+        up for by dropping the copy on every (re)subscription). ``client`` is a connection of its own
+        (no socket timeout: it waits for messages). Runs until cancelled; reconnects every ``retry_s``
+        seconds while Redis is unavailable."""
+        while True:
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.k.weights_published)
+                while True:
+                    message = await pubsub.get_message(timeout=WEIGHTS_MAX_AGE_S)
+                    if message is None:  # quiet: check that the connection still answers
+                        await pubsub.ping()
+                        continue
+                    if message["type"] == "subscribe":
+                        self._following = True
+                    self._drop_cached()
+            except (RedisError, OSError) as e:
+                log.debug("weights announcements: %s; reading Redis on every request until resubscribed", e)
+            finally:
+                self._following = False
+                self._drop_cached()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(retry_s)

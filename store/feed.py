@@ -10,7 +10,6 @@ own pending entries with ``read_pending``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,13 +194,18 @@ class TrainerFeed:
                 args += (min(float(w), cap), int(o))
             if args:
                 self.lease.fenced(self._ranks, [self.k.priority], args)
-        self.lease.fenced(self._status, [self.k.weights, self.k.trainer], [json.dumps(doc)])
+        status = ["weights_step", int(doc.get("step", 0))]  # GET /v1/weights/samples reads it
+        self.lease.fenced(
+            self._status,
+            [self.k.weights, self.k.trainer, self.k.weights_published],
+            [orjson.dumps(doc), *status],
+        )
 
     def set_status(self, **fields: Any) -> None:
         args: list[Any] = [""]
         for k, v in fields.items():
             args += (k, str(v))
-        self.lease.fenced(self._status, [self.k.weights, self.k.trainer], args)
+        self.lease.fenced(self._status, [self.k.weights, self.k.trainer, self.k.weights_published], args)
 
     def reserve_checkpoint_version(self, floor: int) -> int:
         """The next checkpoint version, above ``floor`` and every version reserved before, under the lease:

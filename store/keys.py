@@ -15,6 +15,8 @@ A reader can list the whole Redis layout from this file:
     {p}:val:samples    list    validation payloads (orjson)
     {p}:val:version    string  validation-set version (INCR on every PUT/POST)
     {p}:weights        string  JSON document the trainer publishes for GET /v1/weights
+    {p}:weights:published  channel  a message on every new weights document (API workers cache the
+                               document and drop it on this message; store.buffer)
     {p}:trainer        hash    trainer status: step, steps_per_s, val_loss, updated_at, pid
     {p}:quarantine     stream  samples the trainer could not use (capped): id, source, ordinal, reason,
                                step, payload; their payloads left the samples hash and the priority zset
@@ -88,6 +90,11 @@ class Keys:
     @property
     def weights(self) -> str:
         return self._k("weights")
+
+    @property
+    def weights_published(self) -> str:
+        """Pub/Sub channel: a message (the document's step) each time the weights document is replaced."""
+        return self._k("weights:published")
 
     @property
     def trainer(self) -> str:

@@ -96,6 +96,41 @@ local version = redis.call('INCR', KEYS[2])
 return {redis.call('LLEN', KEYS[1]), version}
 """
 
+WEIGHTS_OF = """
+-- Current weights of sample ids, with the step they were published at, in one round trip, as JSON.
+-- KEYS[1] = ids hash   KEYS[2] = rank zset   KEYS[3] = trainer status hash
+-- ARGV[1] = comma-separated sample ids, each already checked to be 1-128 characters of [A-Za-z0-9._:-]
+--           (so no id needs escaping in JSON)   ARGV[2] = UNWEIGHTED_PRIORITY
+-- returns {weights step or false, the members of a JSON object: "id":weight,... for the stored ids}
+-- A rank score at or above UNWEIGHTED_PRIORITY is a sample the trainer has not weighted: weight 1.0.
+local fresh = tonumber(ARGV[2])
+local ids, seen = {}, {}
+for id in string.gmatch(ARGV[1], '[^,]+') do
+  if not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+end
+local parts = {}
+local CHUNK = 1000  -- ids per HMGET / ZMSCORE: unpack() has a stack limit
+for c = 1, #ids, CHUNK do
+  local last = math.min(c + CHUNK - 1, #ids)
+  local ords = redis.call('HMGET', KEYS[1], unpack(ids, c, last))
+  local found, names = {}, {}
+  for i = 1, #ords do
+    if ords[i] then found[#found + 1] = ords[i]; names[#names + 1] = ids[c + i - 1] end
+  end
+  if #found > 0 then
+    local scores = redis.call('ZMSCORE', KEYS[2], unpack(found))
+    for i = 1, #found do
+      local s = scores[i]
+      if s then
+        if tonumber(s) >= fresh then s = '1.0' end
+        parts[#parts + 1] = '"' .. names[i] .. '":' .. s
+      end
+    end
+  end
+end
+return {redis.call('HGET', KEYS[3], 'weights_step'), table.concat(parts, ',')}
+"""
+
 # --- the trainer's lease (one writer at a time) and the writes it fences --------------------------------
 # A lease value is "<fencing token> <host> <pid>". Every trainer write below first checks that the lease
 # still holds the caller's value and otherwise fails with the error "NOLEASE <current value>", so a trainer
@@ -161,13 +196,17 @@ return 1
 
 FENCED_STATUS = (
     """
--- The weights document and the trainer's status hash, under the lease.
--- KEYS[1] = lease   KEYS[2] = weights document   KEYS[3] = trainer status hash
+-- The weights document and the trainer's status hash, under the lease; a new document is announced on
+-- the weights channel (API workers drop their cached copy).
+-- KEYS[1] = lease   KEYS[2] = weights document   KEYS[3] = trainer status hash   KEYS[4] = the channel
 -- ARGV[1] = lease value   ARGV[2] = the document ("" to leave it)   ARGV[3..] = status field, value pairs
 """
     + _FENCE_CHECK
     + """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', KEYS[4], '1')
+end
 if #ARGV > 2 then redis.call('HSET', KEYS[3], unpack(ARGV, 3)) end
 return 1
 """

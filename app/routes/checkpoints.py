@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from starlette.types import Receive, Scope, Send
 
 from app.auth import require
+from app.conditional import not_modified
 from app.deps import run_db
 from app.errors import NotFound
 from app.middleware import is_head
@@ -124,11 +125,7 @@ async def download_checkpoint(*, version: Version, request: Request) -> Response
     ckpt = await run_db(request, _find, request.app.state.engine, version)
     etag = f'"{ckpt.sha256}"'
     headers = {"ETag": etag, "X-Checkpoint-Version": str(ckpt.version), "Cache-Control": "no-cache"}
-    inm = request.headers.get("if-none-match")
-    # weak comparison, as RFC 9110 §13.1.2 asks of If-None-Match: W/"x" matches "x"
-    if inm is not None and (
-        inm.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in inm.split(",")]
-    ):
+    if not_modified(request, etag):
         return Response(status_code=304, headers=headers)
     path = Path(ckpt.path)
     try:

@@ -73,7 +73,8 @@ def test_stored_sample_reads_back_with_uniform_weight_until_the_trainer_weights_
     feed = TrainerFeed(redis_client, Keys())
     feed.publish_weights({"step": 1}, ordinals=[1, 2], weights=[0.25, 3.0])
 
-    assert on_buffer(lambda b: b.weights_of(["s0", "s1", "unknown"])) == {"s0": 0.25, "s1": 3.0}
+    step, members = on_buffer(lambda b: b.weights_of("s0,s1,unknown,,s1"))
+    assert (step, orjson.loads(b"{" + members + b"}")) == (1, {"s0": 0.25, "s1": 3.0})
     assert on_buffer(lambda b: b.get("unknown")) is None
 
 
