@@ -4,6 +4,10 @@ Delivery is at-least-once (store/feed.py): an entry joins the table when it is r
 only once a checkpoint holding that table is on disk, so a crash re-delivers what the last checkpoint
 did not hold. Payloads are fetched from Redis by ordinal and kept in an LRU cache; while Redis is
 unavailable the trainer goes on with what the cache holds (``MISSING`` marks the rest).
+
+A new sample joins the unscored queue with its arrival time: its stream entry id's milliseconds, which
+Redis sets when the ingest script XADDs it (``<ms>-<seq>``, https://redis.io/docs/latest/develop/data-types/streams/#entry-ids),
+i.e. when the API accepted the POST. The loop measures freshness from it (trainer/metrics.py).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Intake:
             np.array([e.ordinal for e in entries], dtype=np.int64),
             np.array([e.group for e in entries], dtype=np.uint64),
             [e.source for e in entries],
+            np.array([arrival_ms(e.entry_id) for e in entries], dtype=np.int64),
         )
         # acknowledged once the table holding them is saved (at the next checkpoint): at-least-once
         self.unacked.extend(e.entry_id for e in entries)
@@ -88,17 +93,19 @@ class Intake:
             after = entries[-1].entry_id
         self.add(table, self.feed.claim_stale(self.settings.claim_idle_ms))
 
-    def poll(self, table: WeightTable, before_adding: Callable[[], None]) -> None:
-        """Read new entries (waiting up to 1 s when the table is empty); ``before_adding`` runs between
-        reading them and adding them (the trainer checks for a new validation set there, so samples
-        posted after one join the new cohort). Raises Redis errors; entries read are added regardless."""
-        block = None if table.live else 1000
+    def poll(self, table: WeightTable, before_adding: Callable[[], None], *, wait: bool = False) -> int:
+        """Read new entries (waiting up to 1 s for one when the table is empty or ``wait``: an idle
+        trainer); ``before_adding`` runs between reading them and adding them (the trainer checks for a
+        new validation set there, so samples posted after one join the new cohort). Returns how many
+        entries were read. Raises Redis errors; entries read are added regardless."""
+        block = 1000 if wait or not table.live else None
         entries = self.feed.read_new(self.settings.read_count, block_ms=block)
         try:
             if entries:
                 before_adding()
         finally:  # delivered entries join the table even if Redis fails in between: none is dropped
             self.add(table, entries)
+        return len(entries)
 
     def sync_evictions(self, table: WeightTable) -> None:
         """Mark the rows whose samples the buffer no longer holds, asking Redis about every live row (at
@@ -128,3 +135,10 @@ class Intake:
         self.feed.ack(self.unacked)
         self.unacked.clear()
         self.feed.trim_acknowledged()
+
+
+def arrival_ms(entry_id: str) -> int:
+    """When Redis added a stream entry (unix ms): the first part of its id ``<ms>-<seq>``; 0 for an id
+    that is not of that form (never the case for an id Redis generated)."""
+    ms = entry_id.partition("-")[0]
+    return int(ms) if ms.isdigit() else 0

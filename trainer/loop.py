@@ -7,6 +7,9 @@ iteration take new samples from the stream (``intake``), check for a new validat
 (``validation``), train one step (``step``: a batch drawn by ``sampler``, one forward/backward of the
 importance-weighted loss, on scoring steps every sample's hypergradient score turned into weights by the
 weighting rule) and publish now and then (``publish``: weights, checkpoints, the lease; rank 0's work).
+When there is nothing new to learn (no new samples for a while, the validation loss on a plateau) the
+trainer idles until samples or a new validation set arrive (``idle``). Its own Prometheus metrics, and
+freshness, are ``metrics``'s.
 
 Faults (docs/faults.md): one trainer per deployment holds the lease (store/lease.py) and every write it
 makes is fenced by it; Redis and database outages are waited out with backoff while training goes on with
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -32,7 +37,9 @@ from sqlalchemy.engine import Engine
 from store.checkpoints import remove_stale_temp_files
 from store.feed import TrainerFeed
 from store.lease import LeaseLost
+from trainer.idle import Idler
 from trainer.intake import Intake
+from trainer.metrics import TrainerMetrics
 from trainer.models import build_model
 from trainer.outage import DATABASE_ERRORS, REDIS_ERRORS, Dependency
 from trainer.publish import Publisher, checkpoint, status
@@ -48,6 +55,8 @@ from trainer.weighting import make_weighting
 log = logging.getLogger("datadiet.trainer")
 
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: another trainer holds the lease (a supervisor may start this one again)
+WAITING_NOTE_S = 30.0  # how often the trainer says it has no validation set yet
+IDLE_HEARTBEAT_S = 30.0  # how often an idle trainer refreshes its status hash (``updated_at``)
 
 
 class Trainer:
@@ -76,17 +85,33 @@ class Trainer:
         self.sampler = Sampler(s, self.rng)
         self.validation = Validation()
         self.quarantine = Quarantine()
-        self.publisher = Publisher(feed, engine, s.data_dir, s.publish_every_s)
+        self.publisher = Publisher(feed, engine, s.data_dir, s.publish_every_s, s.publish_tolerance)
         self.step = 0
         self.checkpointed_step = -1
         self.checkpoint_due = False  # a checkpoint could not be written (Redis down): retry it
         self.stop_requested = False
         self.rate = 0.0  # steps per second
+        self.idler = Idler(s)
+        self.metrics = TrainerMetrics()
+        self.waiting_noted = -math.inf  # when the trainer last said it has no validation set
+        self.idle_published = 0.0  # when an idle trainer last refreshed its status hash
 
     # ------------------------------------------------------------------ the process
     def run(self) -> int:
         """Train until DATADIET_MAX_STEPS (or SIGTERM/SIGINT), then write a final checkpoint; exit status
         (0, or EXIT_LEASE_LOST when another trainer holds this deployment's lease)."""
+        s = self.settings
+        if s.trainer_metrics_port:
+            try:
+                self.metrics.serve(self, s.trainer_metrics_host, s.trainer_metrics_port)
+            except OSError as e:
+                log.error(
+                    "cannot serve the trainer's metrics on %s:%d (DATADIET_TRAINER_METRICS_PORT): %s",
+                    s.trainer_metrics_host,
+                    s.trainer_metrics_port,
+                    e.strerror or e,
+                )
+                return os.EX_CONFIG
         previous = _install_signal_handlers(self)
         try:
             if not self._start():
@@ -100,6 +125,7 @@ class Trainer:
                 signal.signal(sig, handler)
             with contextlib.suppress(*REDIS_ERRORS):
                 self.feed.lease.release()
+            self.metrics.close()
 
     def _start(self) -> bool:
         """Wait for Redis, the lease and the database (with backoff, logging once per outage), then
@@ -143,15 +169,19 @@ class Trainer:
             # every Redis or database call below is skipped while that dependency is in backoff; a lost
             # lease (LeaseLost) is not an outage and ends the run
             self.redis.attempt(self.feed.lease.renew_if_due)
-            self.redis.attempt(self.poll)
-            if self.step % s.validation_check_every == 0 or not self.validation.samples:
+            self.redis.attempt(self.poll)  # an idle trainer waits here (1 s at most) for a new sample
+            if self.idler.idle or self.step % s.validation_check_every == 0 or not self.validation.samples:
                 self.redis.attempt(self.refresh_validation)
+            self._note_waiting()
             if self.step % s.reweight_every == 0:  # evicted samples leave the table before a reweight
                 self.redis.attempt(lambda: self.intake.read_evictions(self.table))
             if self.quarantine.pending:
                 self.redis.attempt(lambda: self.quarantine.flush(self.feed, self.step))
             if self.publisher.pending:
                 self.db.attempt(self.publisher.register_pending)
+            if self.idler.idle:
+                self._stay_idle()
+                continue
             if not self.table.live or not self.train_step():
                 if self.redis.down:  # nothing cached to train on: wait for Redis instead of spinning
                     time.sleep(min(self.redis.wait_s(), 0.5) or 0.05)
@@ -167,6 +197,8 @@ class Trainer:
             if now - last_progress >= s.progress_every_s:
                 last_progress = now
                 self._progress()
+            if self.idler.should_idle(self):
+                self._rest()
         if self.step > 0 and self.step != self.checkpointed_step and not checkpoint(self):
             log.warning("no final checkpoint (Redis unavailable): the steps since the last one are dropped")
         return 0
@@ -183,7 +215,9 @@ class Trainer:
                 # a new validation set must be seen before the samples posted after it join a cohort
                 self.refresh_validation()
 
-        self.intake.poll(self.table, new_validation_first)
+        new = self.intake.poll(self.table, new_validation_first, wait=self.idler.idle)
+        if new:
+            self.idler.news(f"{new} new sample{'s' if new > 1 else ''}")
         self.sampler.bound_queue(self.table)
 
     def refresh_validation(self) -> None:
@@ -199,6 +233,8 @@ class Trainer:
             self.table.new_cohort()  # what arrives from now on is estimated apart from the older data
             self.table.unqueue_through(self.validation.checked_ordinal)
         v = self.validation
+        if new:
+            self.idler.news(f"validation set v{v.version}")
         self.learner.weighting.on_validation(self.table, v.samples, v.version, task_changed=task_changed)
         if task_changed and self.settings.reset_optimizer_on_validation_change:
             # Adam's moments describe the old task's gradients: the new one starts from fresh moments
@@ -209,6 +245,8 @@ class Trainer:
         stepped = self.learner.step(
             self.step, self.table, self.sampler, self.intake.cache, self.validation, self.quarantine
         )
+        # the queued samples this step took were used for the first time (if it trained)
+        self.metrics.freshness.observe(self.table.take_first_uses(stepped is True))
         if stepped is None:  # the batch was set aside: quarantine it now if Redis takes it, draw again
             self.redis.attempt(lambda: self.quarantine.flush(self.feed, self.step))
             return True
@@ -220,24 +258,71 @@ class Trainer:
     def publish(self) -> None:
         self.publisher.publish_weights(self.table, self.step, self.learner.weighting.name, status(self))
 
+    # ------------------------------------------------------------------ idling
+    def _rest(self) -> None:
+        """Idle: the model goes back to its best weights if the loss rose (trainer/idle.py), and what it
+        idles with is checkpointed and published (status ``idle``)."""
+        changed = self.idler.rest(self)
+        self.rate = 0.0
+        self.idle_published = time.monotonic()
+        if changed or self.step != self.checkpointed_step:
+            checkpoint(self)  # publishes the weights and status too
+        else:
+            self.redis.attempt(self.publish)
+
+    def _stay_idle(self) -> None:
+        """One idle iteration (the poll before it waited for samples): retry a checkpoint that Redis
+        refused, refresh the status hash now and then, and wait out a Redis outage without spinning."""
+        if self.checkpoint_due and self.redis.ready():
+            checkpoint(self)
+        now = time.monotonic()
+        if now - self.idle_published >= IDLE_HEARTBEAT_S:
+            self.idle_published = now
+            self.redis.attempt(
+                lambda: self.feed.set_status(updated_at=datetime.now(UTC).isoformat(), **status(self))
+            )
+        if self.redis.down:
+            time.sleep(min(self.redis.wait_s(), 0.5) or 0.05)
+
+    # ------------------------------------------------------------------ saying what it does
+    def _note_waiting(self) -> None:
+        """At start and every WAITING_NOTE_S, say that there is no validation set and what to do."""
+        now = time.monotonic()
+        if self.validation.samples or self.redis.down or now - self.waiting_noted < WAITING_NOTE_S:
+            return
+        self.waiting_noted = now
+        if self.learner.weighting.needs_scores:
+            log.info(
+                "no validation set yet: PUT /v1/validation with trusted samples (see README); "
+                "training uniformly meanwhile"
+            )
+        else:
+            log.info(
+                "no validation set yet: PUT /v1/validation with trusted samples (see README) to measure "
+                "the validation loss; training (%s weighting) meanwhile",
+                self.learner.weighting.name,
+            )
+
     def _progress(self) -> None:
         doc = self.publisher.last_doc or {}
         eff = doc.get("summary", {}).get("effective_fraction", 1.0)
-        if not self.validation.samples and self.learner.weighting.needs_scores:
-            log.info("no validation set yet: training uniformly; PUT /v1/validation to start reweighting")
         down = [d.name for d in (self.redis, self.db) if d.down]
         if down:
             log.info("waiting for %s; training on what the trainer holds", " and ".join(down))
+        val = self.validation.current_loss
+        val_text = "-" if math.isnan(val) else f"{val:.4f}"
+        fresh = self.metrics.freshness.summary()["freshness_p50_s"]
         log.info(
-            "step %d | %.1f steps/s | val_loss %.4f | train_loss %.4f | effective %.2f | live %d "
-            "| unscored %d",
+            "step %d | %.1f steps/s | val_loss %s | train_loss %.4f | effective %.2f | live %d "
+            "| unscored %d | freshness p50 %s",
             self.step,
             self.rate,
-            self.validation.loss,
+            val_text if self.validation.samples else "(no validation set)",
             self.learner.train_loss,
             eff,
             self.table.live,
             len(self.table.unscored),
+            "-" if fresh == "" else f"{fresh:.1f}s",
         )
 
 

@@ -71,8 +71,17 @@ def weights_document(table: WeightTable, step: int, method: str) -> dict[str, An
 
 
 class Publisher:
-    def __init__(self, feed: TrainerFeed, engine: Engine, data_dir: Path, publish_every_s: float) -> None:
+    def __init__(
+        self,
+        feed: TrainerFeed,
+        engine: Engine,
+        data_dir: Path,
+        publish_every_s: float,
+        tolerance: float = 0.01,
+    ) -> None:
         self.feed = feed
+        self.tolerance = tolerance  # relative change of a sample's weight that is worth rewriting
+        self.last_written = 0  # per-sample weights the last publish wrote
         self.engine = engine
         self.data_dir = Path(data_dir)
         self.min_interval = publish_every_s
@@ -88,10 +97,23 @@ class Publisher:
         return time.monotonic() - self.last_publish >= self.interval
 
     def publish_weights(self, table: WeightTable, step: int, method: str, status: dict[str, Any]) -> None:
+        """Publish the weights document, and the per-sample weights that moved since they were last
+        published, under the lease: the write is proportional to what changed, not to the buffer.
+
+        A live row is rewritten when it was never published by this process, or when its weight moved by
+        more than ``tolerance`` relative to the larger of the two (|w - p| > tol * max(|w|, |p|)); so a
+        weight read from the API is within ``tolerance`` of the trainer's, and a run that barely moves
+        its weights writes almost nothing. Raises LeaseLost and Redis errors (nothing is marked published
+        then: the next publish rewrites it)."""
         t0 = time.monotonic()
         doc = weights_document(table, step, method)
-        alive = table.alive
-        self.feed.publish_weights(doc, table.ordinal[alive], table.weight[alive])
+        w, published = table.weight, table.published
+        with np.errstate(invalid="ignore"):  # NaN (never published) compares False, and is taken below
+            moved = np.abs(w - published) > self.tolerance * np.maximum(np.abs(w), np.abs(published))
+        rows = np.flatnonzero(table.alive & (moved | np.isnan(published)))
+        self.feed.publish_weights(doc, table.ordinal[rows], w[rows])
+        published[rows] = w[rows]
+        self.last_written = len(rows)
         self.feed.set_status(
             step=step,
             updated_at=doc["updated_at"],
@@ -293,16 +315,31 @@ def checkpoint(t: Trainer) -> bool:
 
 
 def status(t: Trainer) -> dict[str, Any]:
+    """The trainer's status hash fields (besides those ``publish_weights`` sets): ``state`` is
+    ``training``, ``training_without_validation_set`` (it trains uniformly until PUT /v1/validation),
+    ``idle`` (nothing new to learn: trainer/idle.py) or ``waiting_for_samples``; ``idle`` 1/0; freshness
+    (seconds from POST to first training use, over the last ~10,000 samples: trainer/metrics.py)."""
     return {
         "steps_per_s": round(t.rate, 3),
-        "val_loss": _finite(t.validation.loss) or "",
+        "val_loss": _finite(t.validation.current_loss) or "",
         "train_loss": _finite(t.learner.train_loss) or "",
         "method": t.learner.weighting.name,
         "device": t.learner.device.type,
         "validation_version": t.validation.version,
         "unscored": len(t.table.unscored),
+        "state": _state(t),
+        "idle": int(t.idler.idle),
+        **t.metrics.freshness.summary(),
         **({"weighting": report} if (report := t.learner.weighting.report()) else {}),
     }
+
+
+def _state(t: Trainer) -> str:
+    if t.idler.idle:
+        return "idle"
+    if not t.table.live:
+        return "waiting_for_samples"
+    return "training" if t.validation.samples else "training_without_validation_set"
 
 
 def _finite(x: float) -> float | None:

@@ -109,6 +109,13 @@ class TrainerSettings(Settings):
 
     # I/O
     publish_every_s: float = Field(2.0, gt=0)
+    publish_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="a sample's published weight is rewritten in Redis when its weight moved by more than "
+        "this fraction (relative): what GET /v1/weights/samples serves is within it of the trainer's; "
+        "0 rewrites every change",
+    )
     progress_every_s: float = Field(5.0, gt=0)
     validation_check_every: int = Field(10, ge=1, description="steps between checks for a new validation set")
     payload_cache: int = Field(50_000, ge=0)
@@ -116,9 +123,32 @@ class TrainerSettings(Settings):
     claim_idle_ms: int = Field(60_000, ge=1)
     consumer: str = "trainer-0"
 
+    # idling: a buffer that no longer changes is not trained on forever (trainer/idle.py)
+    idle_patience: int = Field(
+        300,
+        ge=0,
+        description="steps without a validation-loss improvement (of idle_min_delta) after which a trainer "
+        "with no new samples for idle_after_s idles until samples or a new validation set arrive; 0: "
+        "never idle. A run with DATADIET_MAX_STEPS never idles",
+    )
+    idle_after_s: float = Field(
+        30.0, ge=0, description="seconds without a new sample before the trainer watches for a plateau"
+    )
+    idle_min_delta: float = Field(
+        1e-3, ge=0, description="the least fall of the validation loss that counts as an improvement"
+    )
+
+    # the trainer's own Prometheus metrics (trainer/metrics.py)
+    trainer_metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of the trainer's /metrics (prometheus_client); 0: off"
+    )
+    trainer_metrics_host: str = Field(
+        "127.0.0.1", description="address the trainer's metrics port binds to (0.0.0.0: every interface)"
+    )
+
     # retention
     keep_checkpoints: int = Field(
-        20,
+        5,
         ge=1,
         description="published checkpoints kept (the newest; older ones are deleted unless a "
         "download is streaming one, or may still resume it)",

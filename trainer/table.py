@@ -5,8 +5,9 @@ content shares it), its source (uint16 index into ``sources``), how often it was
 visits, counted by the loop) and its weight (float32); plus the columns the weighting rule declares for
 its own per-row statistics (``add_column``; bilevel: a float32 score sum and a uint16 evidence count).
 Rows of evicted samples are marked dead (sampling value 0) and compacted away when they pile up. Memory:
-8 + 8 + 2 + 2 + 1 + 4 = 25 bytes a row, the rule's (bilevel: 6), and the sum tree's ~8.5: ~40 bytes per
-live sample.
+8 + 8 + 2 + 2 + 1 + 4 = 25 bytes a row, the weight last published (4), the rule's (bilevel: 6), and the
+sum tree's ~8.5: ~44 bytes per live sample. A row in the unscored queue holds its sample's arrival time
+there too (16-32 bytes a queued row with its index), for freshness: the time from a sample's POST to its first training use.
 """
 
 from __future__ import annotations
@@ -25,20 +26,28 @@ _FIELDS: dict[str, Any] = {
     "visits": np.uint16,  # scored visits
     "alive": np.bool_,
     "weight": np.float32,
+    # the weight last written to Redis (trainer/publish.py: only rows whose weight moved are rewritten);
+    # NaN: not since this process started. Not saved: a restarted trainer publishes everything once
+    "published": np.float32,
 }
-_NOT_COLUMNS = frozenset({"fresh", "sampling", "source_weight", "scored_per_source"})  # not per-row
+_NOT_COLUMNS = frozenset(
+    {"fresh", "fresh_arrival", "sampling", "source_weight", "scored_per_source"}
+)  # not per-row
 
 
 class RowQueue:
-    """A FIFO of row indices in one int64 buffer: 8-16 bytes a queued row (a deque of Python ints: ~40).
+    """A FIFO of row indices, each with its sample's arrival time (unix ms; 0: unknown, or a row queued
+    again after its first use), in two int64 buffers: 16-32 bytes a queued row (a deque of Python ints
+    alone: ~40).
 
     Quacks like the ``deque[int]`` it replaces where the trainer uses it: ``extend``, ``len``, iteration,
     ``clear``."""
 
-    def __init__(self, rows: Any = ()) -> None:
+    def __init__(self, rows: Any = (), arrivals: np.ndarray | None = None) -> None:
         self._buf = np.empty(16, dtype=np.int64)
+        self._arr = np.zeros(16, dtype=np.int64)
         self._head = self._tail = 0
-        self.extend(rows)
+        self.extend(rows, arrivals)
 
     def __len__(self) -> int:
         return self._tail - self._head
@@ -49,25 +58,42 @@ class RowQueue:
     def array(self) -> np.ndarray:
         return self._buf[self._head : self._tail].copy()
 
+    def arrivals(self) -> np.ndarray:
+        """The queued rows' arrival times (unix ms, 0: unknown), in queue order."""
+        return self._arr[self._head : self._tail].copy()
+
+    def subset(self, keep: np.ndarray) -> RowQueue:
+        """A queue of the rows where ``keep`` (a bool mask over the queue) holds, with their arrivals."""
+        return RowQueue(self.array()[keep], self.arrivals()[keep])
+
     def clear(self) -> None:
         self._head = self._tail = 0
 
-    def extend(self, rows: Any) -> None:
+    def extend(self, rows: Any, arrivals: np.ndarray | None = None) -> None:
+        """Queue ``rows`` (oldest first) with their arrival times (unix ms; None: unknown)."""
         rows = (
             np.fromiter(rows, dtype=np.int64) if not isinstance(rows, np.ndarray) else rows.astype(np.int64)
         )
         n, k = len(self), len(rows)
         if self._tail + k > len(self._buf):
-            buf = self._buf if n + k <= len(self._buf) // 2 else np.empty(2 * (n + k), dtype=np.int64)
+            size = len(self._buf) if n + k <= len(self._buf) // 2 else 2 * (n + k)
+            buf, arr = np.empty(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
             buf[:n] = self._buf[self._head : self._tail]  # slide to the front (or into a bigger buffer)
-            self._buf, self._head, self._tail = buf, 0, n
+            arr[:n] = self._arr[self._head : self._tail]
+            self._buf, self._arr, self._head, self._tail = buf, arr, 0, n
         self._buf[self._tail : self._tail + k] = rows
+        self._arr[self._tail : self._tail + k] = 0 if arrivals is None else arrivals
         self._tail += k
 
     def pop(self, k: int) -> np.ndarray:
         """The oldest ``k`` rows (fewer if there are not that many), removed."""
-        out = self._buf[self._head : self._head + min(k, len(self))].copy()
-        self._head += len(out)
+        return self.pop_with_arrivals(k)[0]
+
+    def pop_with_arrivals(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The oldest ``k`` rows (fewer if there are not that many) and their arrival times, removed."""
+        end = self._head + min(k, len(self))
+        out = self._buf[self._head : end].copy(), self._arr[self._head : end].copy()
+        self._head = end
         if self._head == self._tail:
             self.clear()
         return out
@@ -86,6 +112,9 @@ class WeightTable:
         self._source_index: dict[tuple[str, int], int] = {}
         self.tree = SumTree(capacity)
         self.unscored = RowQueue()  # rows never scored yet, oldest first
+        # (row, arrival ms) of queued rows taken into the batch being trained, until the loop reads them
+        # (``take_first_uses``) once the step is done: their first training use
+        self._taken: list[tuple[np.ndarray, np.ndarray]] = []
         self.evicted = 0  # rows dropped because their sample left the buffer
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
@@ -132,7 +161,7 @@ class WeightTable:
     def unqueue_through(self, ordinal: int) -> None:
         """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table)."""
         queued = self.unscored.array()
-        self.unscored = RowQueue(queued[self.cols["ordinal"][queued] > ordinal])
+        self.unscored = self.unscored.subset(self.cols["ordinal"][queued] > ordinal)
 
     def new_cohort(self) -> None:
         """Samples added from now on form a new cohort of their source (the validation set changed)."""
@@ -145,8 +174,15 @@ class WeightTable:
         return names, np.array([pos[n] for n in self.sources], dtype=np.int64)
 
     # growth and removal ----------------------------------------------------------------------------
-    def add(self, ordinals: np.ndarray, groups: np.ndarray, sources: list[str]) -> np.ndarray:
-        """Append rows for samples not already in the table, each queued to be scored; returns the new
+    def add(
+        self,
+        ordinals: np.ndarray,
+        groups: np.ndarray,
+        sources: list[str],
+        arrivals: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Append rows for samples not already in the table, each queued to be scored with its arrival
+        time (``arrivals``: unix ms, the ingest stream entry's time; None: unknown); returns the new
         rows' indices. A new row's weight is its source's (cohort's) current mean weight
         (``source_weight``, 1 for a new source): what a sample that was never scored gets. The queue's
         bound is the sampler's (trainer/sampler.py ``bound_queue``)."""
@@ -160,6 +196,7 @@ class WeightTable:
         if not keep.any():
             return np.empty(0, dtype=np.int64)
         ordinals, groups = ordinals[keep], np.asarray(groups, dtype=np.uint64)[keep]
+        arrived = None if arrivals is None else np.asarray(arrivals, dtype=np.int64)[keep]
         self._sorted = (
             self._sorted and int(ordinals[0]) > self._max_ordinal and bool(np.all(np.diff(ordinals) > 0))
         )
@@ -168,7 +205,8 @@ class WeightTable:
         self._reserve(self.n + len(ordinals))
         c = self.cols
         c["ordinal"][rows], c["group"][rows], c["source"][rows] = ordinals, groups, src
-        for name in c.keys() - {"ordinal", "group", "source", "alive", "weight"}:
+        c["published"][rows] = np.nan
+        for name in c.keys() - {"ordinal", "group", "source", "alive", "weight", "published"}:
             c[name][rows] = 0  # scored visits and the rule's statistics start at zero
         w = np.ones(len(rows), dtype=np.float32)
         estimated = src < len(self.source_weight)
@@ -183,7 +221,7 @@ class WeightTable:
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
         self.tree.update(rows, mass)
-        self.unscored.extend(rows)
+        self.unscored.extend(rows, arrived)
         return rows
 
     def count_first_scores(self, rows: np.ndarray) -> None:
@@ -235,7 +273,8 @@ class WeightTable:
         self.n = int(alive.sum())
         self.tree = SumTree(len(self.cols["alive"]))
         kept = remap[self.unscored.array()]
-        self.unscored = RowQueue(kept[kept >= 0])
+        self.unscored = RowQueue(kept[kept >= 0], self.unscored.arrivals()[kept >= 0])
+        self._taken.clear()  # rows taken before a compaction (none are: it runs between steps) are stale
         return remap
 
     def _reserve(self, needed: int) -> None:
@@ -259,22 +298,40 @@ class WeightTable:
 
     def take_unscored(self, k: int, accept: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """Up to ``k`` live rows from the unscored queue, oldest first; with ``accept`` (rows -> (n,) bool),
-        the popped rows it refuses leave the queue without being taken."""
+        the popped rows it refuses leave the queue without being taken. The taken rows' arrival times
+        are held for ``take_first_uses``."""
         out: list[np.ndarray] = []
         need, alive = k, self.cols["alive"]
         while need > 0 and len(self.unscored):
-            rows = self.unscored.pop(need)
-            rows = rows[alive[rows]]
+            rows, arrived = self.unscored.pop_with_arrivals(need)
+            live = alive[rows]
+            rows, arrived = rows[live], arrived[live]
             if accept is not None and len(rows):
-                rows = rows[accept(rows)]
+                taken = accept(rows)
+                rows, arrived = rows[taken], arrived[taken]
             out.append(rows)
+            first = arrived > 0  # 0: queued again after a use, or arrival unknown
+            if first.any():
+                self._taken.append((rows[first], arrived[first]))
             need -= len(rows)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
+    def take_first_uses(self, trained: bool) -> np.ndarray:
+        """Arrival times (unix ms) of the queued samples taken since the last call that are still live:
+        their first training use when the step that took them ``trained`` (else none: the batch was set
+        aside or empty, and they are forgotten). Clears what it returns."""
+        taken, self._taken = self._taken, []
+        if not trained or not taken:
+            return np.empty(0, dtype=np.int64)
+        rows = np.concatenate([r for r, _ in taken])
+        arrived = np.concatenate([a for _, a in taken])
+        return arrived[self.cols["alive"][rows]]  # evicted when its payload was fetched: never used
+
     # persistence -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items()}
+        arrays = {k: np.ascontiguousarray(v[: self.n]) for k, v in self.cols.items() if k != "published"}
         arrays["fresh"] = self.unscored.array()
+        arrays["fresh_arrival"] = self.unscored.arrivals()
         arrays["sampling"] = self.tree.values()[: self.n]  # the draw probabilities, exactly as they were
         arrays["source_weight"] = self.source_weight
         arrays["scored_per_source"] = self.scored_per_source
@@ -293,6 +350,7 @@ class WeightTable:
                 t.add_column(k, saved.dtype)
                 t.cols[k][:n] = saved
         t.n = n
+        t.cols["published"][:n] = np.nan
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1
         t._sorted = bool(np.all(np.diff(t.ordinal) > 0))
@@ -301,7 +359,9 @@ class WeightTable:
             t.source_id(s, c)
         t.cohort = int(info.get("cohort", 0))
         t.evicted = int(info.get("evicted", 0))
-        t.unscored = RowQueue(np.asarray(arrays["fresh"], dtype=np.int64))
+        fresh = np.asarray(arrays["fresh"], dtype=np.int64)
+        arrived = arrays.get("fresh_arrival")  # absent from states saved before it was
+        t.unscored = RowQueue(fresh, None if arrived is None or len(arrived) != len(fresh) else arrived)
         t.source_weight = np.asarray(arrays.get("source_weight", np.zeros(0)), dtype=np.float32)
         t.scored_per_source = np.asarray(arrays.get("scored_per_source", np.zeros(0)), dtype=np.int64)
         if "sampling" in arrays and len(arrays["sampling"]) == n:

@@ -7,6 +7,9 @@ validation-loss gradient over the scored layers:
     G_val <- beta G_val + (1 - beta) grad L_val(theta; a validation batch)       refreshed every
                                                                                  ``val_grad_every`` scorings
     val_loss <- 0.8 val_loss + 0.2 L_val(batch)                                  the progress line's value
+                                                                                 (a weighting rule that
+                                                                                 does not score: the last
+                                                                                 ``full_loss``)
 
 Samples of the set that the model cannot use (they fail to collate) are left out with a warning.
 """
@@ -37,6 +40,7 @@ class Validation:
         self.checked_ordinal = -1  # the newest sample's ordinal when the set was last checked
         self.g_val: list[torch.Tensor] | None = None  # G_val, one tensor per scored layer
         self.loss = math.nan  # running validation loss
+        self.measured = math.nan  # the last ``full_loss``
         self.unusable = 0  # samples of the current set the model cannot use
 
     def refresh(
@@ -82,6 +86,7 @@ class Validation:
         self.version, self.samples = version, samples
         if not same:
             self.g_val = None
+            self.measured = math.nan  # the old set's
         on_load(not same)
         if same:
             return
@@ -107,6 +112,12 @@ class Validation:
             self.g_val = [beta * old + (1 - beta) * new for old, new in zip(self.g_val, grads, strict=True)]
         self.loss = loss if math.isnan(self.loss) else 0.8 * self.loss + 0.2 * loss
 
+    @property
+    def current_loss(self) -> float:
+        """The validation loss to show: the running one, else (a rule that does not score keeps none)
+        the last ``full_loss``; NaN before either (no validation set yet)."""
+        return self.loss if not math.isnan(self.loss) else self.measured
+
     @torch.no_grad()
     def full_loss(self, model: TrainModel, limit: int = 512) -> float:
         """Mean loss over the first ``limit`` samples of the set (NaN without one); model left in eval."""
@@ -117,4 +128,5 @@ class Validation:
         for i in range(0, min(len(self.samples), limit), 128):
             batch = to_device(model.collate(self.samples[i : i + 128]), model.device)
             losses.append(model.per_sample_loss(batch).float().cpu())
-        return float(torch.cat(losses).mean())
+        self.measured = float(torch.cat(losses).mean())
+        return self.measured
