@@ -93,6 +93,8 @@
   const fmtEdge = (x) => fmtNum(x).replace(/^0\./, "."); // "0.25" -> ".25": short bin labels
   const fmtTime = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "short", timeStyle: "medium" }) : "–");
 
+  const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+
   function fmtBytes(n) {
     const units = ["B", "KB", "MB", "GB", "TB"];
     let i = 0;
@@ -276,7 +278,7 @@
     // from the first reading, at least 30 s across: the line grows from the left as readings come
     scales: { x: { time: true, range: (u, min, max) => [min, Math.max(max, min + 30)] }, size: { range: (u, min, max) => [0, Math.max(1, max) * 1.1] },
       rate: { range: (u, min, max) => [0, Math.max(1, max) * 1.1] } },
-    axes: [axis({}), axis({ scale: "size", size: 56 }),
+    axes: [axis({ space: 70, values: (u, ticks) => ticks.map(clock) }), axis({ scale: "size", size: 56 }),
       axis({ scale: "rate", side: 1, grid: { show: false }, size: 50 })],
     series: [
       {},
@@ -361,6 +363,7 @@
       state.weightsByStep.set(doc.step, { sources: doc.sources, effective: s.effective_fraction });
       keepLast(state.weightsByStep, LIVE_POINTS);
     }
+    Object.keys(doc.sources).sort().forEach(colorOf); // colours by name order: the same on every load
     showSourceChips(doc.sources);
   }
 
@@ -381,6 +384,7 @@
   }
 
   function showHistory(history, checkpoints) {
+    for (const snap of history.snapshots) Object.keys(snap.sources).sort().forEach(colorOf);
     for (const snap of history.snapshots) {
       state.weightsByStep.set(snap.step, {
         sources: snap.sources,
@@ -449,7 +453,8 @@
   }
 
   function downloadLink(c) {
-    const a = el("a", "download", `download (${fmtBytes(c.size)})`);
+    const a = el("a", "download", "download");
+    a.title = `datadiet-v${c.version}.safetensors, ${fmtBytes(c.size)}`;
     a.href = `v1/checkpoints/${c.version}/file`;
     a.setAttribute("download", `datadiet-v${c.version}.safetensors`);
     // a plain link cannot send the key: with one set, fetch the file with it and save what came back
