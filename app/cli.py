@@ -7,25 +7,28 @@ datadiet migrate              # bring the database schema up to date (once per d
 datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
 datadiet weights              # source weights and the weight summary, as a table
 datadiet pull ./models/       # the latest checkpoint, downloaded only when it changed
+datadiet --version            # and --debug on any command: the traceback of an error
+
+An error is one or two plain lines on stderr and exit status 1 (a bad push file: one line per bad line);
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
-from functools import wraps
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from app.text_table import print_table
+from app.cli_client import CommandError, cmd_pull, cmd_push, cmd_weights
+from datadiet.contract import MAX_SAMPLES_PER_REQUEST
 
 if TYPE_CHECKING:
-    from datadiet import Client
     from store.config import Settings
 
 DEFAULT_URL = os.environ.get("DATADIET_URL", "http://127.0.0.1:8000")
@@ -166,117 +169,6 @@ def cmd_train(_args: argparse.Namespace) -> int:
     return main()
 
 
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"datadiet: {path}:{lineno}: not valid JSON: {e}")
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, what: str) -> None:
-        self.total, self.what, self.done, self.t0 = total, what, 0, time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        frac = self.done / self.total if self.total else 1.0
-        rate = self.done / max(time.monotonic() - self.t0, 1e-9)
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        print(f"\r[{bar}] {self.done:,}/{self.total:,} {self.what}  {rate:,.0f}/s", end="", file=sys.stderr)
-        if self.done >= self.total:
-            print(file=sys.stderr)
-
-
-def _client(args: argparse.Namespace) -> Client:
-    """The client for one command: 429/503 are retried, nothing listening fails at once."""
-    from datadiet import Client
-
-    return Client(args.url, api_key=args.api_key, connect_retries=0)
-
-
-def _says_plainly(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """An API error or an unreachable API is one line on stderr and exit 1, not a traceback."""
-
-    @wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        import httpx
-
-        from datadiet import DatadietError
-
-        try:
-            return command(args)
-        except DatadietError as e:
-            cause = e.__cause__
-            if e.status is None and isinstance(cause, httpx.TransportError):
-                reason = str(cause) or type(cause).__name__
-                if isinstance(cause, httpx.ConnectError) and "refused" in reason.lower():
-                    reason = "connection refused"
-                elif isinstance(cause, httpx.TimeoutException):
-                    reason = "timed out"
-                print(f"datadiet: cannot reach the API at {args.url}: {reason}", file=sys.stderr)
-            else:
-                print(f"datadiet: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-@_says_plainly
-def cmd_push(args: argparse.Namespace) -> int:
-    samples = list(_read_jsonl(Path(args.file)))
-    with _client(args) as client:
-        if args.validation:
-            out = client.set_validation(samples, append=args.append)
-            print(f"validation set v{out['version']}: {out['count']} samples")
-            return 0
-        res = client.post_samples(
-            samples, batch_size=args.batch_size, progress=ProgressBar(len(samples), "samples")
-        )
-    print(f"accepted {res.accepted:,}, duplicates {res.duplicates:,}")
-    return 0
-
-
-@_says_plainly
-def cmd_weights(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        if args.lowest or args.highest:
-            doc = client.ranked("asc" if args.lowest else "desc", args.lowest or args.highest)
-            sources = doc.get("sources", {})
-            ranked = [(i, sources.get(i, ""), f"{w:.4f}") for i, w in doc["weights"].items()]
-            print_table(["sample", "source", "weight"], ranked)
-            return 0
-        doc = client.weights()
-    stats = doc.get("source_stats", {})
-    rows: list[tuple[Any, ...]] = [
-        (
-            name,
-            f"{share:.3f}",
-            stats.get(name, {}).get("count", ""),
-            f"{stats[name]['mean_weight']:.3f}" if name in stats else "",
-        )
-        for name, share in sorted(doc["sources"].items(), key=lambda kv: -kv[1])
-    ]
-    print(f"step {doc['step']}  updated {doc.get('updated_at') or 'never'}")
-    print_table(["source", "share", "samples", "mean weight"], rows)
-    s = doc["summary"]
-    print(f"\n{s['count']:,} live samples, effective fraction {s['effective_fraction']:.2f}")
-    return 0
-
-
-@_says_plainly
-def cmd_pull(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        path = client.pull_checkpoint(args.dest, version=args.version)
-    print(path)
-    return 0
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
@@ -284,40 +176,115 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _checkpoint_version(text: str) -> str:
+    if text == "latest" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"a version number (1, 2, ...) or latest, got {text!r}")
+
+
+def _data_dir_now() -> str:
+    """Where the data goes with the settings as they are now (environment, .env), for ``--help``."""
+    try:
+        from store.config import Settings
+
+        return str(Settings().data_dir.resolve())
+    except Exception as e:  # an invalid setting: say so, the command itself will refuse to start
+        return f"unknown: the settings are invalid ({type(e).__name__})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Fills in ``{data_dir}`` in the epilog when the help is shown, so the settings are read only then."""
+
+    def format_help(self) -> str:
+        if self.epilog and "{data_dir}" in self.epilog:
+            self.epilog = self.epilog.replace("{data_dir}", _data_dir_now())
+        return super().format_help()
+
+
+def _version() -> str:
+    try:
+        return package_version("datadiet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="datadiet",
         description="Online data selection for models that keep learning from their agents.",
-        epilog="Configuration is by DATADIET_* environment variables (or .env); see the README.",
+        epilog="Configuration is by DATADIET_* environment variables (or .env); see the README. "
+        "Errors are one or two lines; --debug shows the traceback.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"datadiet {_version()}")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    common = _Parser(add_help=False)  # options every command takes, before or after it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def server(name: str, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    def server(name: str, help: str, where: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
+        sp.epilog = f"{where} (now: {{data_dir}}; set by --data-dir or DATADIET_DATA_DIR)."
+        sp.add_argument(
+            "--data-dir",
+            metavar="DIR",
+            help="where checkpoints, the SQLite metadata and the embedded Redis live "
+            "(sets DATADIET_DATA_DIR; default ./datadiet-data)",
+        )
+        return sp
+
+    def listener(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
         sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
         return sp
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
         sp.add_argument(
             "--url", default=DEFAULT_URL, help=f"the API (default {DEFAULT_URL}, or $DATADIET_URL)"
         )
         sp.add_argument("--api-key", default=os.environ.get("DATADIET_API_KEY"), help="or $DATADIET_API_KEY")
         return sp
 
-    server("up", "run the API and the trainer (embedded Redis and SQLite unless configured)").set_defaults(
-        fn=cmd_up
-    )
-    d = server("demo", "run the service with simulated agents of known quality and summarise what it learned")
-    d.epilog = (
-        "The agents are paced by the trainer's steps, not by the clock: before the first step they post "
-        "20 steps' worth, then keep RATE x (step + 20) samples posted, each agent its share of them. The "
-        "same seed gives the same table, within noise, on a fast and on a busy machine. The summary is also "
-        "written to <data dir>/demo/summary.json."
+    listener(
+        server(
+            "up",
+            "run the API and the trainer (embedded Redis and SQLite unless configured)",
+            "Checkpoints, the SQLite metadata and the embedded Redis go to the data dir",
+        )
+    ).set_defaults(fn=cmd_up)
+    d = listener(
+        server(
+            "demo",
+            "run the service with simulated agents of known quality and summarise what it learned",
+            "The agents are paced by the trainer's steps, not by the clock: before the first step they post "
+            "20 steps' worth, then keep RATE x (step + 20) samples posted, each agent its share of them. The "
+            "same seed gives the same table, within noise, on a fast and on a busy machine. Everything goes "
+            "to <data dir>/demo, wiped at the start; the summary also to <data dir>/demo/summary.json",
+        )
     )
     d.add_argument("--steps", type=int, default=1500, help="training steps before the summary (default 1500)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the agents' streams and the trainer (default 0): the same seed gives the same table, "
+        "within noise",
+    )
     d.add_argument(
         "--rate",
         type=_positive_float,
@@ -325,39 +292,102 @@ def parser() -> argparse.ArgumentParser:
         help="samples all agents post together per training step (default 32: half the trainer's batch)",
     )
     d.set_defaults(fn=cmd_demo)
-    s = server("serve", "run the API alone")
+    s = listener(
+        server("serve", "run the API alone", "The SQLite metadata and the embedded Redis go to the data dir")
+    )
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     s.set_defaults(fn=cmd_serve)
-    sub.add_parser("train", help="run the trainer alone", description="run the trainer alone").set_defaults(
-        fn=cmd_train
-    )
-    mig = "upgrade the database schema to this version's (the API and trainer do it themselves unless "
-    mig += "DATADIET_AUTO_MIGRATE=false)"
-    sub.add_parser("migrate", help=mig, description=mig).set_defaults(fn=cmd_migrate)
+    server(
+        "train",
+        "run the trainer alone",
+        "Checkpoints, the SQLite metadata and the embedded Redis go to the data dir",
+    ).set_defaults(fn=cmd_train)
 
     pu = client("push", "post samples from a JSON-lines file (one sample a line)")
+    pu.epilog = (
+        "The whole file is read and checked first: any line that is not a JSON object is reported as "
+        "FILE:LINE and nothing is sent. The samples then go in as few requests as the API takes (up to "
+        "10,000 samples and 8 MiB each, unless --batch-size), each all-or-nothing: a file that fits in one "
+        "request is stored whole or not at all, and a sample the API refuses is reported as FILE:LINE. If "
+        "a later request of a big file is refused, the earlier ones stay stored; pushing the file again is "
+        "safe, they count as duplicates."
+    )
     pu.add_argument("file", help="a .jsonl file of samples")
-    pu.add_argument("--batch-size", type=int, default=1000)
+    pu.add_argument(
+        "--batch-size",
+        type=_int_in(1, MAX_SAMPLES_PER_REQUEST),
+        metavar="N",
+        help="samples per request, 1-10,000 (default: as many as fit in 8 MiB, so usually the whole file)",
+    )
     pu.add_argument("--validation", action="store_true", help="replace the validation set with these samples")
     pu.add_argument("--append", action="store_true", help="with --validation: append instead of replacing")
     pu.set_defaults(fn=cmd_push)
     w = client("weights", "show source weights and the weight summary")
-    w.add_argument("--lowest", type=int, metavar="K", help="show the K lowest-weighted samples instead")
-    w.add_argument("--highest", type=int, metavar="K", help="show the K highest-weighted samples instead")
+    rank = w.add_mutually_exclusive_group()
+    k = _int_in(1, 10_000)
+    rank.add_argument(
+        "--lowest", type=k, metavar="K", help="show the K lowest-weighted samples instead (with a preview)"
+    )
+    rank.add_argument(
+        "--highest", type=k, metavar="K", help="show the K highest-weighted samples instead (with a preview)"
+    )
     w.set_defaults(fn=cmd_weights)
-    pl = client("pull", "download the latest checkpoint (skipped when unchanged)")
+    pl = client("pull", "download a checkpoint (skipped when the file there is current)")
+    pl.epilog = (
+        "Says whether it downloaded the file or found it current. An existing file is replaced by a newer "
+        "latest version; any other version (--version N, an older latest, a file that is not a datadiet "
+        "checkpoint) is refused unless --force. Nothing is created when the pull fails."
+    )
     pl.add_argument("dest", help="a directory (file model.safetensors inside) or a file path")
-    pl.add_argument("--version", default="latest", help="a version number, or latest (default)")
+    pl.add_argument(
+        "--version", type=_checkpoint_version, default="latest", help="a version number, or latest (default)"
+    )
+    pl.add_argument("--force", action="store_true", help="replace a file holding another version")
     pl.set_defaults(fn=cmd_pull)
     return p
 
 
+def _plain(e: BaseException, args: argparse.Namespace) -> list[str]:
+    """What to say on stderr for an error a command raised: one or two lines."""
+    import httpx
+
+    from datadiet import DatadietError
+
+    if isinstance(e, CommandError):
+        return list(e.lines)
+    if isinstance(e, DatadietError):
+        cause = e.__cause__
+        if e.status is None and isinstance(cause, httpx.TransportError):
+            reason = str(cause) or type(cause).__name__
+            if isinstance(cause, httpx.ConnectError) and "refused" in reason.lower():
+                return [
+                    f"cannot reach the API at {args.url}: connection refused",
+                    "is it running? start it with `datadiet up` (or `datadiet serve`), or give --url "
+                    "or $DATADIET_URL",
+                ]
+            if isinstance(cause, httpx.TimeoutException):
+                reason = "timed out"
+            return [f"cannot reach the API at {args.url}: {reason}"]
+        return [str(e)]
+    if isinstance(e, OSError) and e.filename is not None:
+        return [f"{e.filename}: {e.strerror or e}"]
+    return [f"{type(e).__name__}: {e}", "(an unexpected error: --debug shows the traceback)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "data_dir", None):  # before anything reads the settings; children inherit it
+        os.environ["DATADIET_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        first, *more = _plain(e, args)  # more: a hint, or FILE:LINE lines an editor can jump to
+        print(f"datadiet: {first}", *more, sep="\n", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -186,6 +187,14 @@ class Client:
             raise ValueError(f"order is 'asc' or 'desc', got {order!r}")
         return self._json("GET", "/v1/weights/samples", params={"order": order, "limit": limit})
 
+    def sample(self, sample_id: str) -> dict[str, Any]:
+        """``GET /v1/samples/{id}``: one stored sample (the Sample fields) with its current ``weight``.
+
+        Needs the ``admin`` scope when keys are configured. DatadietError 404 when the id was never
+        posted or has been evicted.
+        """
+        return self._json("GET", f"/v1/samples/{quote(sample_id, safe='')}")
+
     def stats(self) -> dict[str, Any]:
         """``GET /v1/stats``: buffer counters, validation set and trainer progress."""
         return self._json("GET", "/v1/stats")
@@ -219,16 +228,34 @@ class Client:
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 2.0)
 
-    def pull_checkpoint(self, dest: str | os.PathLike[str], version: int | str = "latest") -> Path:
+    def pull_checkpoint(
+        self, dest: str | os.PathLike[str], version: int | str = "latest", *, force: bool = False
+    ) -> Path:
         """Download a checkpoint file to ``dest`` unless it is already there; returns the file's path.
 
         ``dest`` is a directory when it exists as one or ends with a separator (the file is then
         ``dest/model.safetensors``), else the file's path. An existing file is offered to the server by
         its sha256 (``If-None-Match``) and left untouched when current (304). Otherwise the body streams
         to a temp file beside the target, resuming with ``Range`` after a dropped connection; its sha256
-        must equal the ``ETag`` before it atomically replaces the target.
+        must equal the ``ETag`` before it atomically replaces the target. Nothing is created on disk
+        before the server sends the file. Without ``force``, an existing file is replaced only by a newer
+        version of ``latest``; any other version raises DatadietError type ``WouldReplace`` (details in
+        :meth:`pull`).
         """
-        return download.pull_checkpoint(self._retry, dest, version)
+        return self.pull(dest, version, force=force).path
+
+    def pull(
+        self, dest: str | os.PathLike[str], version: int | str = "latest", *, force: bool = False
+    ) -> download.Pulled:
+        """``pull_checkpoint``, telling what it did: the path, the version and size (bytes) of the file
+        there now, whether it was downloaded or found current, and the version it replaced.
+
+        Raises DatadietError: type ``WouldReplace`` (``body``: ``path``, ``held``: the version there or
+        None when the file is no datadiet checkpoint, ``served``) when, without ``force``, the server's
+        file would replace one of a version other than an older one of ``latest``; ``NotFound`` (404) for
+        no such checkpoint; ``ChecksumMismatch`` when the body does not hash to its ``ETag``.
+        """
+        return download.pull_checkpoint(self._retry, dest, version, force=force)
 
     # ------------------------------------------------------------------ HTTP
     def _json(
@@ -268,7 +295,7 @@ def load_latest(
     if dest is None:
         dest = download.cache_dir(url)
     with Client(url, **client_kwargs) as client:
-        path = client.pull_checkpoint(dest)
+        path = client.pull_checkpoint(dest, force=True)  # a cache: whatever the server has now
     return load_checkpoint(path)
 
 

@@ -157,8 +157,9 @@ def test_samples_without_id_get_the_contract_id_and_the_callers_dicts_are_untouc
     assert [s["id"] for s in sent] == expected  # set before the first try, so a retry cannot duplicate
     assert summary.ids == expected
     assert samples == originals
-    stored = httpx.get(f"{api}/v1/samples/{summary.ids[1]}").json()
-    assert stored["input"] == samples[1]["input"]
+    with Client(api) as client:
+        stored = client.sample(summary.ids[1])
+    assert (stored["input"], stored["target"], stored["weight"]) == (samples[1]["input"], 1, 1.0)
 
 
 def test_posting_the_same_samples_again_counts_duplicates_and_stores_nothing(api: str) -> None:
@@ -336,7 +337,7 @@ def test_before_any_checkpoint_latest_is_none_waiting_times_out_and_pulling_is_4
             client.pull_checkpoint(f"{dest}/")
 
     assert (caught.value.status, caught.value.type) == (404, "NotFound")
-    assert list(dest.iterdir()) == []  # no file, no temp file
+    assert not dest.exists()  # no directory, no file, no temp file
 
 
 def test_pull_downloads_once_then_answers_304_until_a_newer_checkpoint(
@@ -368,14 +369,28 @@ def test_pull_downloads_once_then_answers_304_until_a_newer_checkpoint(
     assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
 
 
-def test_pull_to_a_file_path_and_by_version(
+def test_pull_to_a_file_path_by_version_never_over_another_version_unless_forced(
     api: str, publish: Callable[[], Checkpoint], tmp_path: Path
 ) -> None:
-    v1, _ = publish(), publish()
+    v1, v2 = publish(), publish()
     with Client(api) as client:
         path = client.pull_checkpoint(tmp_path / "deep" / "v1.safetensors", version=1)
-    assert path == tmp_path / "deep" / "v1.safetensors"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == v1.sha256
+        assert path == tmp_path / "deep" / "v1.safetensors"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == v1.sha256
+
+        with pytest.raises(DatadietError) as caught:  # v1 is there: another version is not put over it
+            client.pull(path, version=2)
+        assert caught.value.type == "WouldReplace"
+        assert caught.value.body == {"path": str(path), "held": 1, "served": 2}
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == v1.sha256
+
+        pulled = client.pull(path, version=2, force=True)
+        current = client.pull(path, version=2)
+
+    assert (pulled.path, pulled.version, pulled.downloaded, pulled.replaced) == (path, 2, True, 1)
+    assert pulled.size == v2.size == path.stat().st_size
+    assert (current.version, current.downloaded) == (2, False)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == v2.sha256
 
 
 def test_a_corrupted_download_is_refused_and_the_old_file_kept(
