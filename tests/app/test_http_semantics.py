@@ -47,7 +47,8 @@ def error_of(response: Any, status: int, kind: str | None = None) -> dict[str, A
 
 
 def without_date(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() != "date"}
+    """The headers but those that differ per request: the date and the generated ``X-Request-ID``."""
+    return {k: v for k, v in headers.items() if k.lower() not in ("date", "x-request-id")}
 
 
 # --- HEAD -------------------------------------------------------------------------------------------------
