@@ -10,8 +10,11 @@ Usage::
         print(summary.accepted, summary.duplicates, summary.ids[:3])
         print(dd.weights()["sources"])                                           # {"agent-7": 1.0}
         print(dd.sample_weights(summary.ids[:100]))                              # {id: weight}
+        print(dd.sample(summary.ids[0]))                                         # the sample, its weight
         dd.wait_for_checkpoint(min_version=1, timeout=300)
         path = dd.pull_checkpoint("models/")            # models/model.safetensors; a no-op if current
+        pulled = dd.pull("models/")                     # the same, saying what it did: version, size,
+                                                        # downloaded or current (Pulled)
 
     model = load_checkpoint(path)                       # or load_latest(url): pull into a cache, load
     model.predict([[0.0] * 64])
@@ -20,7 +23,8 @@ Transient failures are retried: a refused or timed-out connection by httpx's tra
 (``httpx.HTTPTransport(retries=connect_retries)``; nothing was sent, so any request may try again), and
 429 and 503 answers (after their ``Retry-After`` when given) and, for idempotent requests, read timeouts
 and dropped connections by tenacity, with exponential backoff and jitter. A checkpoint download that
-breaks mid-body resumes with ``Range`` (``Client.pull_checkpoint``); the retry policy is in
+breaks mid-body resumes with ``Range``, and a pull replaces an existing file only by a newer ``latest``
+unless ``force=True`` (``Client.pull``); the retry policy is in
 ``datadiet/retry.py``, the download in ``datadiet/download.py``. Retrying ingest is safe because ingest
 is idempotent by id, and the client gives every sample without an ``id`` its contract id (the sha256 of the
 canonical JSON of source, input and target) before the first try, so a retried batch is counted as
