@@ -22,27 +22,49 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(None, description="unset: an embedded Redis server under the data dir")
     database_url: str | None = Field(None, description="unset: sqlite:///<data dir>/meta.db")
-    data_dir: Path = Path("./datadiet-data")
-    redis_prefix: str = Field("dd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    data_dir: Path = Field(
+        Path("./datadiet-data"),
+        description="checkpoints, the embedded Redis's files and the default SQLite database",
+    )
+    redis_prefix: str = Field(
+        "dd",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="every Redis key starts with {prefix}: (store/keys.py); several deployments can share "
+        "one Redis under different prefixes",
+    )
 
-    model: str = "tiny-gpt"
+    model: str = Field("tiny-gpt", description="model kind: tiny-gpt, mlp or hf-causal-lm")
     model_params: dict[str, Any] = Field(
-        default_factory=dict, validation_alias=AliasChoices("DATADIET_MODEL_CONFIG", "model_params")
+        default_factory=dict,
+        validation_alias=AliasChoices("DATADIET_MODEL_CONFIG", "model_params"),
+        description='JSON for the model kind, e.g. {"n_features": 64, "n_classes": 10} for mlp',
     )
     input_kind: Literal["text", "vector", "chat", "auto"] = Field(
         "auto",
         description="what `input` a sample must carry (chat: a string or a list of messages); "
         "auto: from the model kind",
     )
-    reweight: str = "bilevel"
+    reweight: str = Field(
+        "bilevel", description="bilevel, or uniform (every live sample weight 1: the ablation baseline)"
+    )
 
-    buffer_max_samples: int = Field(1_000_000, ge=1)
-    validation_max_samples: int = Field(100_000, ge=1)
+    buffer_max_samples: int = Field(
+        1_000_000, ge=1, description="samples the buffer holds; past it the lowest-weighted are evicted"
+    )
+    validation_max_samples: int = Field(100_000, ge=1, description="samples the validation set may hold")
 
-    max_steps: int = Field(0, ge=0)
-    checkpoint_every: int = Field(250, ge=1)
-    seed: int = 0
-    api_keys: str | None = None
+    max_steps: int = Field(
+        0,
+        ge=0,
+        description="after this many steps the trainer writes a final checkpoint and exits 0; 0: never",
+    )
+    checkpoint_every: int = Field(250, ge=1, description="steps between published checkpoints")
+    seed: int = Field(0, description="makes a run repeatable")
+    api_keys: str | None = Field(
+        None,
+        description="key:scope1+scope2,... (scopes ingest, read, admin); unset: no auth, and the API binds "
+        "to 127.0.0.1 only",
+    )
 
     # how long the API waits on its dependencies and on its clients (seconds)
     redis_timeout: float = Field(
