@@ -302,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
         "run the trainer alone",
         "Checkpoints, the SQLite metadata and the embedded Redis go to the data dir",
     ).set_defaults(fn=cmd_train)
+    server(
+        "migrate",
+        "upgrade the database schema to this version's, once per deployment and upgrade (the API and the "
+        "trainer do it themselves unless DATADIET_AUTO_MIGRATE=false)",
+        "The default SQLite metadata is in the data dir",
+    ).set_defaults(fn=cmd_migrate)
 
     pu = client("push", "post samples from a JSON-lines file (one sample a line)")
     pu.epilog = (
