@@ -218,6 +218,11 @@ class TrainerStats(Open):
     unscored: int | None = Field(
         None, description="the trainer's unscored queue (bounded: DATADIET_MAX_UNSCORED)"
     )
+    state: str | None = Field(
+        None,
+        description="training; training_without_validation_set (uniform until PUT /v1/validation); idle "
+        "(nothing new to learn: it resumes when samples or a validation set arrive); waiting_for_samples",
+    )
 
 
 class Stats(Open):

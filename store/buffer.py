@@ -184,6 +184,7 @@ class SampleBuffer:
                 "val_loss": float(t["val_loss"]) if t.get("val_loss") not in (None, "", "nan") else None,
                 "updated_at": t.get("updated_at"),
                 "unscored": int(t["unscored"]) if t.get("unscored", "").isdigit() else None,
+                "state": t.get("state"),  # trainer/publish.py status(): training, idle, ...
             },
         }
 

@@ -69,7 +69,8 @@ def test_an_unchanging_buffer_idles_and_a_new_sample_resumes_training(
         until(lambda: trainer.idler.idle, 30, "the trainer to idle")
         idle_step = trainer.step
         assert status(redis_client)["state"] == "idle" and status(redis_client)["idle"] == "1"
-        time.sleep(1.5)
+        assert api.get("/v1/stats").json()["trainer"]["state"] == "idle"
+        time.sleep(1.0)
         assert trainer.step == idle_step, "an idle trainer trained"
 
         posted = time.monotonic()
@@ -135,4 +136,5 @@ def test_without_a_validation_set_the_trainer_says_what_it_waits_for(
     assert progress and all("val_loss (no validation set)" in m and "nan" not in m for m in progress)
     s = status(redis_client)
     assert s["state"] == "training_without_validation_set" and s["val_loss"] == ""
-    assert api.get("/v1/stats").json()["trainer"]["val_loss"] is None
+    trainer_stats = api.get("/v1/stats").json()["trainer"]
+    assert trainer_stats["val_loss"] is None and trainer_stats["state"] == "training_without_validation_set"
