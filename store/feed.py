@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -179,7 +180,11 @@ class TrainerFeed:
         return out
 
     def publish_weights(
-        self, doc: dict[str, Any], ordinals: Sequence[int], weights: Sequence[float], chunk: int = 20_000
+        self,
+        doc: dict[str, Any],
+        ordinals: Sequence[int] | np.ndarray,
+        weights: Sequence[float] | np.ndarray,
+        chunk: int = 20_000,
     ) -> None:
         """Publish per-sample weights into the rank zset (existing members only) and the summary document,
         under the lease.
@@ -188,10 +193,11 @@ class TrainerFeed:
         UNWEIGHTED_PRIORITY.
         """
         cap = UNWEIGHTED_PRIORITY / 2
-        for i in range(0, len(ordinals), chunk):
-            args: list[Any] = []
-            for o, w in zip(ordinals[i : i + chunk], weights[i : i + chunk], strict=True):
-                args += (min(float(w), cap), int(o))
+        scores = np.minimum(np.asarray(weights, dtype=np.float64), cap).tolist()
+        members = np.asarray(ordinals, dtype=np.int64).tolist()
+        for i in range(0, len(members), chunk):
+            args: list[Any] = [None] * (2 * len(members[i : i + chunk]))
+            args[0::2], args[1::2] = scores[i : i + chunk], members[i : i + chunk]  # score, member pairs
             if args:
                 self.lease.fenced(self._ranks, [self.k.priority], args)
         status = ["weights_step", int(doc.get("step", 0))]  # GET /v1/weights/samples reads it

@@ -85,7 +85,9 @@ class Trainer:
         self.sampler = Sampler(s, self.rng)
         self.validation = Validation()
         self.quarantine = Quarantine()
-        self.publisher = Publisher(feed, engine, s.data_dir, s.publish_every_s, s.publish_tolerance)
+        self.publisher = Publisher(
+            feed, engine, s.data_dir, s.publish_every_s, s.publish_tolerance, s.publish_max_rows
+        )
         self.step = 0
         self.checkpointed_step = -1
         self.checkpoint_due = False  # a checkpoint could not be written (Redis down): retry it

@@ -116,6 +116,13 @@ class TrainerSettings(Settings):
         "this fraction (relative): what GET /v1/weights/samples serves is within it of the trainer's; "
         "0 rewrites every change",
     )
+    publish_max_rows: int = Field(
+        100_000,
+        ge=1,
+        description="per-sample weights written to Redis a publish at most, the largest relative moves "
+        "first (the rest follow in later publishes): bounds a publish's time (Redis rewrites a weight "
+        "in ~2-10 us), e.g. a restarted trainer's first publish of a million samples",
+    )
     progress_every_s: float = Field(5.0, gt=0)
     validation_check_every: int = Field(10, ge=1, description="steps between checks for a new validation set")
     payload_cache: int = Field(50_000, ge=0)

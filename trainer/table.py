@@ -7,7 +7,8 @@ its own per-row statistics (``add_column``; bilevel: a float32 score sum and a u
 Rows of evicted samples are marked dead (sampling value 0) and compacted away when they pile up. Memory:
 8 + 8 + 2 + 2 + 1 + 4 = 25 bytes a row, the weight last published (4), the rule's (bilevel: 6), and the
 sum tree's ~8.5: ~44 bytes per live sample. A row in the unscored queue holds its sample's arrival time
-there too (16-32 bytes a queued row with its index), for freshness: the time from a sample's POST to its first training use.
+there too (16-32 bytes a queued row with its index), for freshness: the time from a sample's POST to its
+first training use.
 """
 
 from __future__ import annotations

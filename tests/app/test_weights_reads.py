@@ -18,7 +18,12 @@ from store.keys import Keys
 def doc(step: int) -> dict[str, Any]:
     hist = {"edges": [0.0, 4.000000001], "counts": [2]}
     summary = {"count": 2, "effective_fraction": 1.0, "mean": 1.0, "histogram": hist}
-    return {"step": step, "updated_at": "2026-01-01T00:00:00+00:00", "sources": {"a": 1.0}, "summary": summary}
+    return {
+        "step": step,
+        "updated_at": "2026-01-01T00:00:00+00:00",
+        "sources": {"a": 1.0},
+        "summary": summary,
+    }
 
 
 def trainer_feed(redis_url: str) -> TrainerFeed:
