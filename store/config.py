@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(
         0,
         ge=0,
-        description="after this many steps the trainer writes a final checkpoint and exits 0; 0: never",
+        description="after this many steps the trainer writes a final checkpoint and exits 0; 0: run until "
+        "stopped",
     )
     checkpoint_every: int = Field(250, ge=1, description="steps between published checkpoints")
     seed: int = Field(0, description="makes a run repeatable")
