@@ -50,7 +50,8 @@ def client_for(args: argparse.Namespace) -> Client:
 
 @dataclass
 class SampleFile:
-    """A JSON-lines file of samples, read whole: the samples, each one's line number, the longest line."""
+    """A JSON-lines file of samples, read whole: the samples, each one's line number, and the bytes the
+    longest takes as the client sends it (ASCII JSON: a non-ASCII line counts 3 times its length)."""
 
     path: Path
     samples: list[dict[str, Any]]
@@ -90,7 +91,7 @@ def read_samples(path: Path) -> SampleFile:
             continue
         samples.append(value)
         lines.append(lineno)
-        longest = max(longest, len(line))
+        longest = max(longest, len(line) if line.isascii() else 3 * len(line))  # as JSON: \uXXXX escapes
     if problems:
         n = len(problems)
         raise CommandError(
