@@ -11,6 +11,7 @@ field's environment variable(s), its default, its bounds and its ``description``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,12 @@ def _default(field: FieldInfo) -> str:
     if value is None:
         return "unset"
     if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
-        return f"{value:_}"
-    return "`{}`".format(value if not isinstance(value, dict) else repr(value).replace("'", '"'))
+        value = str(value).lower()
+    elif isinstance(value, dict):
+        value = json.dumps(value)
+    elif isinstance(value, Path) and not value.is_absolute():
+        value = f"./{value}"
+    return f"`{value}`"
 
 
 def _bounds(field: FieldInfo) -> str:
