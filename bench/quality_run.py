@@ -45,6 +45,7 @@ TRAINER_METHOD = {
     "oracle": "uniform",
     "bilevel-hypergrad": "bilevel",
     "bilevel-queue-all": "bilevel",
+    "bilevel-cheap": "bilevel",
 }
 EXTRA_SETTINGS = {
     # Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
@@ -53,6 +54,9 @@ EXTRA_SETTINGS = {
     "bilevel-hypergrad": {"teacher": "false"},
     # an ablation: every queued sample scored, whatever its source's weight (issue 12 item 1 before)
     "bilevel-queue-all": {"weighted_scoring": "false"},
+    # issue 14's cheaper outer loop: score every other step, the validation gradient every 16 steps, the
+    # teacher calibrated every 100
+    "bilevel-cheap": {"outer_every": "2", "val_grad_every": "8", "teacher_calibrate_every": "100"},
 }
 POLL_S = 0.5
 PACED_PUBLISH_S = "0.25"  # paced runs: the trainer publishes its step this often (default 2 s), for the pacer

@@ -89,6 +89,12 @@ class TrainerSettings(Settings):
         description="weight each sample by the probability that its target is right, from models trained "
         "on the validation set (trainer/weighting/teacher.py)",
     )
+    teacher_calibrate_every: int = Field(
+        50,
+        ge=1,
+        description="steps between the teacher's calibrations against the current model (each one is a "
+        "forward pass over ~3x the validation set: trainer/weighting/teacher.py)",
+    )
     teacher_scale: float = Field(
         1.0, ge=0, description="the teacher's log-probability's factor in a sample's logit (1: weight x P)"
     )

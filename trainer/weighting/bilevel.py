@@ -85,7 +85,6 @@ EPS = 1e-12
 MIN_NOISE_OBS = 200  # revisits before the per-sample score's reliability counts as measured
 UNKNOWN_PRIOR_VISITS = 1e6  # until then: no per-sample term, sources only
 VALIDATION_CHANGE_DECAY = 0.25
-TEACHER_CALIBRATE_EVERY = 50  # steps between teacher calibrations against the current model
 TEACHER_PRIOR_ROWS = 10.0  # an unjudged row: its source's mean P(right), shrunk by this many rows
 GUARD_CLIMB = 0.2  # a validation loss this far above its best counts as climbing (relative)
 GUARD_CONCENTRATED = 0.5  # ... while the weights' effective sample size is below this fraction
@@ -184,8 +183,12 @@ class Bilevel(Weighting):
         """Recalibrate the teacher now and then; judge the batch's rows it has not judged yet (t_i, from
         the losses the model gave them before this step trained on them: their first visit)."""
         assert self.teacher is not None
-        due = batch.step % TEACHER_CALIBRATE_EVERY == 0
-        if batch.loss_of is not None and (due or not self.teacher.ready):
+        every = self.settings.teacher_calibrate_every
+        due = batch.step % every == 0
+        # not calibrated yet (too few pairs, or not tried): try again every tenth of the interval, not
+        # every step (a validation set that cannot make pairs would otherwise cost a calibration a step)
+        retry = not self.teacher.ready and batch.step % max(1, every // 10) == 0
+        if batch.loss_of is not None and (due or retry):
             self.teacher.calibrate(batch.loss_of)
             if due:
                 self._guard(table, self.teacher.val_loss)
