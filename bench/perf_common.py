@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +111,8 @@ class Table:
         """Whether column ``i`` holds numbers or ratios (right-aligned) rather than text."""
         cells = [row[i] for row in self.rows if i < len(row) and row[i] not in (None, "")]
         return bool(cells) and all(
-            isinstance(c, int | float) or (c.endswith("x") and c[:-1].replace(".", "").isdigit())
+            isinstance(c, int | float)
+            or (isinstance(c, str) and c.endswith("x") and c[:-1].replace(".", "").isdigit())
             for c in cells
         )
 
@@ -151,7 +152,7 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else "ok" if ok else "**no**"
 
 
-def median(xs: list[float]) -> float:
+def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 

@@ -27,6 +27,7 @@ from bench.perf_common import (
     redis_info,
     run_load,
     text_records,
+    trainer_status,
     verdict,
 )
 from store.feed import TrainerFeed
@@ -63,38 +64,38 @@ def publish(t: Table, s: Scale, work: Path) -> None:
     from trainer.publish import Publisher
     from trainer.sampler import Sampler
     from trainer.settings import TrainerSettings
+    from trainer.table import WeightTable
 
-    t.columns = ["publish", "rows changed", "s (median)", "MB to Redis", "commands",
+    t.columns = ["publish", "rows changed", "rows written", "s (median)", "MB to Redis", "commands",
                  "floor s: raw ZADD XX of changed rows", "floor MB", "time vs floor", "target"]  # fmt: skip
     rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    table = fill_table(s.publish_rows, 5_000)
-    t.notes.append(f"Table of {table.live:,} live rows built in {time.perf_counter() - start:.1f} s.")
     sampler = Sampler(TrainerSettings(_env_file=None), rng)
-    live = np.flatnonzero(table.alive)
-    weights = np.zeros(table.n, dtype=np.float32)
-    weights[live] = rng.lognormal(0, 1, len(live))
-    sampler.reweight(table, weights)
+
+    def new_table() -> WeightTable:
+        """A table never published, of ``s.publish_rows`` live rows with uneven weights."""
+        table = fill_table(s.publish_rows, 5_000)
+        weights = np.zeros(table.n, dtype=np.float32)
+        weights[table.alive] = rng.lognormal(0, 1, table.live)
+        sampler.reweight(table, weights)
+        return table
+
+    kinds = ["first publish (everything new)", "after 1% changed", "after 10% changed", "after 100% changed"]
+    fracs = [None, 0.01, 0.1, 1.0]
+    got: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
+    floor: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
+    written: dict[str, list[int]] = {k: [] for k in kinds}
+    changed: dict[str, int] = {}
     with deployment(work) as d:
         r = d.client()
         keys = Keys()
-        ordinals = table.ordinal[live].tolist()
-        for i in range(0, len(ordinals), 50_000):  # the rank zset holds every sample, as the buffer's does
-            r.zadd(keys.priority, {str(o): UNWEIGHTED_PRIORITY + o for o in ordinals[i : i + 50_000]})
+        for i in range(0, s.publish_rows, 50_000):  # the rank zset holds every sample, as the buffer's does
+            r.zadd(keys.priority, {str(o): UNWEIGHTED_PRIORITY + o for o in range(i + 1, i + 50_001)})
         engine = make_engine(f"sqlite:///{work / 'meta.db'}")
         migrate(engine)
-        kinds = [
-            "first publish (everything new)",
-            "after 1% changed",
-            "after 10% changed",
-            "after 100% changed",
-        ]
-        fracs = [None, 0.01, 0.1, 1.0]
-        got: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
-        floor: dict[str, list[tuple[float, int, int]]] = {k: [] for k in kinds}
-        changed: dict[str, int] = {}
         for rnd in range(s.rounds):
-            publisher = Publisher(TrainerFeed(r, keys), engine, work / "data", 2.0)  # knows nothing yet
+            table = new_table()  # its rows remember what was published of them: a new one, nothing yet
+            live = np.flatnonzero(table.alive)
+            publisher = Publisher(TrainerFeed(r, keys), engine, work / "data", 2.0)
             for kind, frac in zip(kinds, fracs, strict=True):
                 rows = live
                 if frac is not None:
@@ -104,8 +105,8 @@ def publish(t: Table, s: Scale, work: Path) -> None:
                     sampler.reweight(table, w)
                 changed[kind] = len(rows)
                 step = 10 * rnd + len(got[kind])
-                call = partial(publisher.publish_weights, table, step, "bilevel", {})
-                got[kind].append(measured(r, call))
+                got[kind].append(measured(r, partial(publisher.publish_weights, table, step, "bilevel", {})))
+                written[kind].append(int(trainer_status(r).get("weights_written", -1)))
                 pairs = [
                     (str(o), float(x)) for o, x in zip(table.ordinal[rows], table.weight[rows], strict=True)
                 ]
@@ -121,15 +122,18 @@ def publish(t: Table, s: Scale, work: Path) -> None:
         target = ""
         if kind == "after 1% changed":
             target = f"<= {PUBLISH_TARGET_S} s: {verdict(secs <= PUBLISH_TARGET_S)}"
-        t.add(kind, changed[kind], secs, median([x[1] for x in got[kind]]) / MB,
+        rows_written = int(median(written[kind])) if min(written[kind]) >= 0 else None
+        t.add(kind, changed[kind], rows_written, secs, median([x[1] for x in got[kind]]) / MB,
               int(median([x[2] for x in got[kind]])), fsecs, median([x[1] for x in floor[kind]]) / MB,
               ratio(secs, fsecs), target)  # fmt: skip
     t.notes.append(
-        f"`Publisher.publish_weights` (a new Publisher each round, so its first publish knows nothing) "
-        f"on {table.live:,} live rows, {s.rounds} rounds, medians; weights changed through "
-        "`Sampler.reweight`. MB to Redis: `INFO stats` total_net_input_bytes before and after (the status "
-        "hash and weights document included). Floor: redis-py ZADD XX of just the changed rows' "
-        "(ordinal, weight) pairs, 20,000 per command, pipelined."
+        f"`Publisher.publish_weights` on {s.publish_rows:,} live rows (a new table and Publisher each round, "
+        f"so the first publish has everything to write), {s.rounds} rounds, medians; weights changed "
+        "through `Sampler.reweight`. Rows written: the publisher's own count (`weights_written` in the "
+        "trainer status hash; n/a where it does not report it). MB to Redis: `INFO stats` "
+        "total_net_input_bytes before and after (the status hash and weights document included); commands: "
+        "total_commands_processed. Floor: redis-py ZADD XX of just the changed rows' (ordinal, weight) "
+        "pairs, 20,000 per command, pipelined."
     )
 
 
@@ -179,6 +183,7 @@ def checkpoint(t: Table, s: Scale, work: Path) -> None:
         if set(out["statuses"]) != {200} or set(out["bytes"]) != {size}:
             raise RuntimeError(f"downloads answered {out['statuses']} with {sorted(set(out['bytes']))} bytes")
         http = [size / x / MB for x in out["seconds"][1:]]
+        client_core = out["cpu_s"] / sum(out["seconds"])
         not_mod = run_load(url, "/v1/checkpoints/1/file", conns=1, seconds=s.read_seconds,
                            headers=(f'If-None-Match: "{sha}"',))  # fmt: skip
         health = run_load(url, "/healthz", conns=1, seconds=s.read_seconds)
@@ -196,7 +201,8 @@ def checkpoint(t: Table, s: Scale, work: Path) -> None:
         "`save_checkpoint` and registered through `Publisher.register_pending`; one uvicorn worker. "
         f"Downloads: {s.checkpoint_rounds} sequential whole-file GETs on one keep-alive connection from "
         "`bench/perf_load.py` (after one untimed), the disk floor: 1 MiB `readinto` of the same file, "
-        f"unbuffered. Latencies: one connection, closed loop, {s.read_seconds:g} s each."
+        f"unbuffered; the download client used {client_core:.2f} of a core. Latencies: one connection, "
+        f"closed loop, {s.read_seconds:g} s each."
     )
 
 
