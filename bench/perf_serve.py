@@ -54,28 +54,50 @@ def cpu_seconds(proc: psutil.Process) -> float:
 def ingest(t: Table, s: Scale, work: Path) -> None:
     """Samples/s of ``POST /v1/samples`` at batches of 1, 50 and 500 with 1 and 2 API workers, each beside
     raw pipelined XADD of the same payloads in pipelines of the same size (the floor)."""
-    t.columns = ["batch", "path", "samples/s (median)", "min", "max", "requests/s", "vs raw XADD", "target"]
+    t.columns = ["batch", "path", "samples/s (median)", "min", "max", "requests/s", "vs raw XADD",
+                 "client CPU (cores)", "API CPU (cores)", "Redis CPU (cores)", "target"]  # fmt: skip
     with deployment(work) as d:
         r = d.client()
-        apis = {w: d.api(f"api-{w}w", workers=w)[1] for w in s.ingest_workers}
+        redis_proc = psutil.Process(d.server.proc.pid)
+        started = {w: d.api(f"api-{w}w", workers=w) for w in s.ingest_workers}
+        apis = {w: url for w, (_, url) in started.items()}
+        procs = {w: psutil.Process(proc.pid) for w, (proc, _) in started.items()}
         for url in apis.values():  # imports and first-request costs, not timed
             post_all(url, bodies_of(make_samples("warmup", 200), 50))
         rates: dict[tuple[int, str], list[float]] = {}
+        cpu: dict[tuple[int, str], list[tuple[float, float, float]]] = {}  # client, API, Redis: cores
         for rnd in range(s.rounds):
             for batch, n in s.ingest_samples.items():
                 samples = make_samples(f"r{rnd}b{batch}", n)
                 r.flushall()
-                rates.setdefault((batch, "raw"), []).append(n / time_raw(r, samples, batch))
+                client0, redis0 = time.process_time(), cpu_seconds(redis_proc)
+                secs = time_raw(r, samples, batch)
+                used = (time.process_time() - client0, 0.0, cpu_seconds(redis_proc) - redis0)
+                cpu.setdefault((batch, "raw"), []).append((used[0] / secs, 0.0, used[2] / secs))
+                rates.setdefault((batch, "raw"), []).append(n / secs)
                 for w, url in apis.items():
                     r.flushall()
-                    secs = time_http(url, make_samples(f"r{rnd}b{batch}w{w}", n), INGEST_CLIENTS, batch)
+                    samples = make_samples(f"r{rnd}b{batch}w{w}", n)
+                    api0, client0, redis0 = (
+                        cpu_seconds(procs[w]),
+                        time.process_time(),
+                        cpu_seconds(redis_proc),
+                    )
+                    secs = time_http(url, samples, INGEST_CLIENTS, batch)
+                    used = (
+                        (time.process_time() - client0) / secs,
+                        (cpu_seconds(procs[w]) - api0) / secs,
+                        (cpu_seconds(redis_proc) - redis0) / secs,
+                    )
+                    cpu.setdefault((batch, f"{w}w"), []).append(used)
                     rates.setdefault((batch, f"{w}w"), []).append(n / secs)
             last = ", ".join(f"b{b} {k}: {v[-1]:,.0f}/s" for (b, k), v in rates.items())
             print(f"  ingest round {rnd + 1}/{s.rounds}: {last}", file=sys.stderr)
         for batch in s.ingest_samples:
             raw = median(rates[(batch, "raw")])
+            client, _, red = (median([c[i] for c in cpu[(batch, "raw")]]) for i in (0, 1, 2))
             t.add(batch, "raw redis-py pipelined XADD (floor)", raw, *minmax(rates[(batch, "raw")]),
-                  raw / batch, "1.00x", "")  # fmt: skip
+                  raw / batch, "1.00x", client, "", red, "")  # fmt: skip
             for w in apis:
                 xs = rates[(batch, f"{w}w")]
                 target = ""
@@ -84,9 +106,9 @@ def ingest(t: Table, s: Scale, work: Path) -> None:
                 if batch == 500 and w == 2 and 1 in apis:
                     target = f"faster than 1 worker: {verdict(median(xs) > median(rates[(batch, '1w')]))}"
                 label = f"HTTP, {w} worker{'s' if w > 1 else ''}, {INGEST_CLIENTS} clients"
-                t.add(
-                    batch, label, median(xs), *minmax(xs), median(xs) / batch, ratio(median(xs), raw), target
-                )
+                client, api, red = (median([c[i] for c in cpu[(batch, f"{w}w")]]) for i in (0, 1, 2))
+                t.add(batch, label, median(xs), *minmax(xs), median(xs) / batch, ratio(median(xs), raw),
+                      client, api, red, target)  # fmt: skip
     size = len(bodies_of(make_samples("x", 1), 1)[0])
     t.notes.append(
         f"{s.rounds} rounds; per round and batch size: "
@@ -94,7 +116,8 @@ def ingest(t: Table, s: Scale, work: Path) -> None:
         + f", ~{size} bytes each as JSON (`bench/ingest.py`'s samples), on an emptied Redis each time. "
         f"HTTP: {INGEST_CLIENTS} httpx clients (threads, keep-alive) in this process; the raw floor: "
         "one redis-py client, pipelines of `batch` XADDs of the same payloads. Client, API and Redis share "
-        "the machine's cores."
+        "the machine's cores; CPU columns: process CPU seconds per wall second while posting (the client's "
+        "includes the response parsing of its threads; the API's, all its worker processes)."
     )
 
 
@@ -106,8 +129,8 @@ def minmax(xs: list[float]) -> tuple[float, float]:
 def reads(t: Table, s: Scale, work: Path) -> None:
     """``GET /v1/weights``, ``?ids=`` (100 ids) and a conditional ``GET /v1/weights`` under 50 connections
     at ``s.read_samples`` samples while a trainer publishes, beside ``GET /healthz`` (the HTTP floor)."""
-    t.columns = ["request", "req/s", "p50 ms", "p99 ms", "req/s vs /healthz", "p99 vs /healthz",
-                 "statuses", "client CPU (cores)", "API CPU (cores)", "target"]  # fmt: skip
+    t.columns = ["request", "req/s", "p50 ms", "p99 ms", "req/s vs /healthz", "p99 vs /healthz", "statuses",
+                 "client CPU (cores)", "API CPU (cores)", "Redis CPU (cores)", "target"]  # fmt: skip
     n = s.read_samples
     with deployment(work) as d:
         r = d.client()
@@ -138,7 +161,7 @@ def reads(t: Table, s: Scale, work: Path) -> None:
         }
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in paths}
         etags = []
-        api_proc = psutil.Process(api.pid)
+        api_proc, redis_proc = psutil.Process(api.pid), psutil.Process(d.server.proc.pid)
         for rnd in range(s.rounds):
             for label, path in paths.items():
                 headers: tuple[str, ...] = ()
@@ -146,9 +169,10 @@ def reads(t: Table, s: Scale, work: Path) -> None:
                     etag = httpx.get(url + path, timeout=30).headers.get("etag")
                     etags.append(etag)
                     headers = (f"If-None-Match: {etag or chr(34) + 'none' + chr(34)}",)
-                cpu0, t0 = cpu_seconds(api_proc), time.perf_counter()
+                cpu0, redis0, t0 = cpu_seconds(api_proc), cpu_seconds(redis_proc), time.perf_counter()
                 out = run_load(url, path, conns=s.read_conns, seconds=s.read_seconds, headers=headers)
                 out["api_core"] = (cpu_seconds(api_proc) - cpu0) / (time.perf_counter() - t0)
+                out["redis_core"] = (cpu_seconds(redis_proc) - redis0) / (time.perf_counter() - t0)
                 runs[label].append(out)
             print(f"  reads round {rnd + 1}/{s.rounds}: "
                   + ", ".join(f"{k.split()[1]} {v[-1]['req_s']:,.0f}/s" for k, v in runs.items()),
@@ -178,7 +202,7 @@ def reads(t: Table, s: Scale, work: Path) -> None:
             target = "304 expected once supported: " + ("yes" if set(statuses) == {"304"} else "no")
         t.add(label, rps, med(label, "p50_ms"), p99, ratio(rps, med(floor, "req_s")),
               ratio(p99, med(floor, "p99_ms")), " ".join(f"{k}: {v:,}" for k, v in statuses.items()),
-              med(label, "cpu_core"), med(label, "api_core"), target)  # fmt: skip
+              med(label, "cpu_core"), med(label, "api_core"), med(label, "redis_core"), target)  # fmt: skip
     t.notes.append(
         f"{s.rounds} rounds of {s.read_seconds:g} s per request kind (medians of the rounds), "
         f"{s.read_conns} keep-alive connections from `bench/perf_load.py` (asyncio streams, its own "
