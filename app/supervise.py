@@ -35,7 +35,7 @@ from typing import IO
 
 from store.config import Settings
 from store.embedded import EmbeddedRedis
-from store.meta import make_engine, migrate
+from store.meta import check_schema, make_engine, migrate
 from store.processes import api_argv, one_line, stop_process_group, wait_until_ready
 
 log = logging.getLogger("datadiet.up")
@@ -212,8 +212,8 @@ class Supervisor:
             if self.redis.proc is None:
                 self.redis = None  # joined a server someone else runs: not ours to stop
         engine = make_engine(s.resolved_database_url)
-        try:
-            migrate(engine)
+        try:  # once here, not in each child (DATADIET_AUTO_MIGRATE=false in theirs: they only check it)
+            migrate(engine) if s.auto_migrate else check_schema(engine)
         except Exception as e:  # whatever the driver raises: the database is not usable
             raise StartError(f"the database cannot be used: {one_line(e)}") from None
         finally:
@@ -223,6 +223,7 @@ class Supervisor:
             **self.extra_env,
             "DATADIET_REDIS_URL": redis_url,
             "DATADIET_DATA_DIR": str(s.data_dir.resolve()),
+            "DATADIET_AUTO_MIGRATE": "false",
         }
         self.children[0].argv = api_argv(fd=self.listener.fileno())
         for child in self.children:

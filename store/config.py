@@ -83,9 +83,9 @@ class Settings(BaseSettings):
 
     auto_migrate: bool = Field(
         True,
-        description="the API and the trainer upgrade the database schema at start; false: only "
-        "`datadiet migrate` does, and an API or trainer whose schema is behind refuses to start "
-        "(docker-compose.yml runs `migrate` as a one-shot service before them)",
+        description="the API, the trainer and `datadiet up` (once, for its children) upgrade the database "
+        "schema at start; false: only `datadiet migrate` does, and a process whose schema is behind refuses "
+        "to start (docker-compose.yml runs `migrate` as a one-shot service before the others)",
     )
     log_format: Literal["text", "json"] = Field(
         "text",
