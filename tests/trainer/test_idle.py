@@ -66,9 +66,9 @@ def test_an_unchanging_buffer_idles_and_a_new_sample_resumes_training(
     # quiet after 0.3 s; any fall of the loss under 100 is no improvement: a plateau after 20 steps
     trainer = make_trainer(idle_after_s=0.3, idle_patience=20, idle_min_delta=100.0)
     with running(trainer):
-        until(lambda: trainer.idler.idle, 30, "the trainer to idle")
+        until(lambda: status(redis_client).get("state") == "idle", 30, "the trainer to idle")
         idle_step = trainer.step
-        assert status(redis_client)["state"] == "idle" and status(redis_client)["idle"] == "1"
+        assert trainer.idler.idle and status(redis_client)["idle"] == "1"
         assert api.get("/v1/stats").json()["trainer"]["state"] == "idle"
         time.sleep(1.0)
         assert trainer.step == idle_step, "an idle trainer trained"
