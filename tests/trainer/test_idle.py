@@ -70,8 +70,10 @@ def test_an_unchanging_buffer_idles_and_a_new_sample_resumes_training(
         idle_step = trainer.step
         assert trainer.idler.idle and status(redis_client)["idle"] == "1"
         assert api.get("/v1/stats").json()["trainer"]["state"] == "idle"
+        cpu = time.process_time()  # this process's CPU: the trainer's thread, this one sleeps
         time.sleep(1.0)
         assert trainer.step == idle_step, "an idle trainer trained"
+        assert time.process_time() - cpu < 0.3, "an idle trainer spins instead of waiting on the stream"
 
         posted = time.monotonic()
         api.post("/v1/samples", json={"samples": blobs(1, 2, source="b", noisy=False, prefix="b")})
