@@ -30,6 +30,7 @@ failed, else 0 (missed targets are marked in the tables, not in the exit status)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scale = Scale.quick_run() if args.quick else Scale()
     head = header(argv)
+    head["scale"] = dataclasses.asdict(scale)
     print(f"{head['command']}: commit {head['commit']}, load average {head['load_average_start']}",
           file=sys.stderr)  # fmt: skip
     runners = sections()
