@@ -98,9 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
             finally:
                 follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
-                await announcements.aclose()
+                await asyncio.wait({follower}, timeout=2.0)  # it closes its connection, or is left
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await announcements.aclose()
         finally:
             await client.aclose()
             engine.dispose()

@@ -263,6 +263,7 @@ class SampleBuffer:
             finally:
                 self._following = False
                 self._drop_cached()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(1.0):  # never hold up a shutdown on a dead connection
+                        await pubsub.aclose()
             await asyncio.sleep(retry_s)
