@@ -359,12 +359,15 @@ def run_load(
     seconds: float = 5.0,
     headers: tuple[str, ...] = (),
     download: int = 0,
+    track_etag: bool = False,
 ) -> dict[str, Any]:
     """``bench/perf_load.py`` in a process of its own against ``url`` + ``path``: its JSON answer."""
     argv = [sys.executable, str(REPO / "bench" / "perf_load.py"), url, path]
     argv += ["--conns", str(conns), "--seconds", str(seconds), "--download", str(download)]
     for h in headers:
         argv += ["--header", h]
+    if track_etag:
+        argv.append("--track-etag")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120 + 30 * download)
     if proc.returncode != 0:
         raise RuntimeError(f"the load client failed: {proc.stderr.strip()[-400:]}")

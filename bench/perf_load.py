@@ -3,15 +3,16 @@ installed), in a process of its own so that it neither shares the GIL with the b
 CPU use. Prints one JSON object on stdout.
 
     python bench/perf_load.py http://127.0.0.1:8000 /healthz --conns 50 --seconds 5
-    python bench/perf_load.py http://127.0.0.1:8000 /v1/weights --header 'If-None-Match: "abc"'
+    python bench/perf_load.py http://127.0.0.1:8000 /v1/weights --track-etag
     python bench/perf_load.py http://127.0.0.1:8000 /v1/checkpoints/1/file --download 3
 
 Load mode: ``--conns`` connections, each sending its next request as soon as the last answer's body is
 read (closed loop), for ``--seconds``. Answer: requests, req_s, latency p50/p99/max in ms (request written
 to body read), the status codes seen, bytes of bodies read, and the client's CPU seconds and share of one
 core (``cpu_core``: 1.0 = one core busy the whole time; near 1.0 the client, not the server, may be the
-limit). Download mode: one connection, ``--download`` sequential GETs of the whole body, each timed:
-seconds and bytes per download.
+limit). ``--track-etag``: each connection, once answered 200 with an ``ETag``, asks with ``If-None-Match``
+(a poller that keeps what it last got; RFC 9110 §13.1.2). Download mode: one connection, ``--download``
+sequential GETs of the whole body, each timed: seconds and bytes per download.
 
 Bodies are framed by Content-Length or chunked transfer coding (RFC 9112 §6-7); 1xx answers are not
 expected and not handled.
@@ -33,11 +34,11 @@ from urllib.parse import urlsplit
 import numpy as np
 
 
-async def read_answer(reader: asyncio.StreamReader, chunk: int = 1 << 16) -> tuple[int, int]:
-    """Read one HTTP/1.1 answer (head and body); (status, body bytes)."""
+async def read_answer(reader: asyncio.StreamReader, chunk: int = 1 << 16) -> tuple[int, int, bytes | None]:
+    """Read one HTTP/1.1 answer (head and body); (status, body bytes, its ETag or None)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length, chunked = -1, False
+    length, chunked, etag = -1, False, None
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -45,15 +46,17 @@ async def read_answer(reader: asyncio.StreamReader, chunk: int = 1 << 16) -> tup
             length = int(value)
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
+        elif name == b"etag":
+            etag = value.strip()
     if status == 304 or status == 204 or 100 <= status < 200:
-        return status, 0
+        return status, 0, etag
     if chunked:
         total = 0
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:
                 await reader.readuntil(b"\r\n")  # no trailers expected: the empty line
-                return status, total
+                return status, total, etag
             await reader.readexactly(size + 2)
             total += size
     if length < 0:
@@ -64,7 +67,7 @@ async def read_answer(reader: asyncio.StreamReader, chunk: int = 1 << 16) -> tup
         if not got:
             raise asyncio.IncompleteReadError(b"", left)
         left -= len(got)
-    return status, length
+    return status, length, etag
 
 
 def request_bytes(host: str, path: str, headers: list[str]) -> bytes:
@@ -72,7 +75,9 @@ def request_bytes(host: str, path: str, headers: list[str]) -> bytes:
     return "\r\n".join(lines).encode()
 
 
-async def load(url: str, path: str, headers: list[str], conns: int, seconds: float) -> dict[str, Any]:
+async def load(
+    url: str, path: str, headers: list[str], conns: int, seconds: float, track_etag: bool = False
+) -> dict[str, Any]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     req = request_bytes(f"{host}:{port}", path, headers)
@@ -87,17 +92,21 @@ async def load(url: str, path: str, headers: list[str], conns: int, seconds: flo
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal body
         clock = time.perf_counter
+        this = req
         while clock() < deadline:
             t0 = clock()
             try:
-                writer.write(req)
-                status, n = await read_answer(reader)
+                writer.write(this)
+                status, n, etag = await read_answer(reader)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                 errors[type(e).__name__] += 1
                 return
             latencies.append(clock() - t0)
             statuses[status] += 1
             body += n
+            if track_etag and status == 200 and etag:  # as a poller does: ask again with what it holds
+                kept = [h for h in headers if not h.lower().startswith("if-none-match:")]
+                this = request_bytes(f"{host}:{port}", path, [*kept, f"If-None-Match: {etag.decode()}"])
 
     cpu0 = time.process_time()
     await asyncio.gather(*(worker(r, w) for r, w in streams))
@@ -131,7 +140,7 @@ async def download(url: str, path: str, headers: list[str], times: int) -> dict[
     for _ in range(times):
         t0 = time.perf_counter()
         writer.write(req)
-        status, n = await read_answer(reader, chunk=1 << 20)
+        status, n, _ = await read_answer(reader, chunk=1 << 20)
         secs.append(time.perf_counter() - t0)
         sizes.append(n)
         statuses.append(status)
@@ -149,6 +158,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     parser.add_argument("--download", type=int, default=0, help="N sequential whole-body GETs instead")
+    parser.add_argument(
+        "--track-etag", action="store_true", help="after a 200 with an ETag, send If-None-Match with it"
+    )
     args = parser.parse_args()
     if args.conns < 1 or args.seconds <= 0:
         print("perf_load: --conns must be >= 1 and --seconds > 0", file=sys.stderr)
@@ -159,7 +171,7 @@ def main() -> int:
     if args.download:
         out = run(download(args.url, args.path, args.header, args.download))
     else:
-        out = run(load(args.url, args.path, args.header, args.conns, args.seconds))
+        out = run(load(args.url, args.path, args.header, args.conns, args.seconds, args.track_etag))
     print(json.dumps(out))
     return 0
 

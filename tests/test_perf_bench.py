@@ -36,10 +36,11 @@ def test_quick_publish_and_memory_sections_produce_tables_of_numbers(tmp_path: P
         "after 100% changed",
     ]
     for row in publish["rows"]:
-        changed, written, secs, mb, floor_s = row[1], row[2], row[3], row[4], row[6]
+        changed, written, secs, mb, publishes, all_s, floor_s = (row[i] for i in (1, 2, 3, 4, 6, 7, 8))
         assert changed > 0 and 0 < secs < 60 and mb > 0 and 0 < floor_s < 60
         assert written is None or 0 <= written <= changed  # the publisher's own count, where it gives one
-        assert row[8].endswith("x")  # the ratio to the floor beside the absolutes
+        assert publishes >= 1 and secs <= all_s < 600
+        assert row[10].endswith("x")  # the ratio to the floor beside the absolutes
     assert publish["rows"][1][1] * 50 < publish["rows"][3][1]  # 1% of the rows changed, not all
     rows = {row[0]: row for row in memory["rows"]}
     payload = rows["payload: compact JSON as stored (floor)"][1]
