@@ -93,7 +93,10 @@ IN_USE_AFTER_S = 600.0  # ... and for this long after it ends, so a Range resume
 class _CheckpointFile(FileResponse):
     """A ``FileResponse`` that ignores a ``Range`` whose unit is not ``bytes``: RFC 9110 §14.2, "An origin
     server MUST ignore a Range header field that contains a range unit it does not understand". While it
-    streams (and IN_USE_AFTER_S after), its checkpoint is marked in use: retention keeps the file."""
+    streams (and IN_USE_AFTER_S after), its checkpoint is marked in use: retention keeps the file.
+    Read in 1 MiB chunks (Starlette's default, 64 KiB, costs a worker-thread hop per 64 KiB)."""
+
+    chunk_size = 1024 * 1024
 
     def __init__(self, *args: Any, buffer: SampleBuffer, version: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,12 +120,31 @@ def _is_bytes_range(value: bytes) -> bool:
     return bool(sep) and unit.strip().lower() == b"bytes"
 
 
+ROWS_CACHED = 64  # checkpoint rows by version kept in each process: a version's row never changes
+
+
+async def _file_row(request: Request, version: str) -> Checkpoint:
+    """The row of a checkpoint to download: a numbered version from this process's cache once read (its
+    file is checked on every use: retention deletes the row, then the file), ``latest`` from the database
+    each time. Saves a database round trip (a worker thread) on every poll of a pinned version."""
+    cache: dict[str, Checkpoint] = request.app.state.__dict__.setdefault("checkpoint_rows", {})
+    row = cache.get(version)
+    if row is not None and os.path.exists(row.path):
+        return row
+    row = await run_db(request, _find, request.app.state.engine, version)
+    if version != "latest":
+        if len(cache) >= ROWS_CACHED:
+            cache.pop(next(iter(cache)))  # the oldest read
+        cache[version] = row
+    return row
+
+
 @router.get(
     "/{version}/file", response_model=None, response_class=Response, responses=CHECKPOINT_FILE_RESPONSES
 )
 async def download_checkpoint(*, version: Version, request: Request) -> Response:
     """The safetensors bytes, streamed; cache with ``If-None-Match``, resume with ``Range``."""
-    ckpt = await run_db(request, _find, request.app.state.engine, version)
+    ckpt = await _file_row(request, version)
     etag = f'"{ckpt.sha256}"'
     headers = {"ETag": etag, "X-Checkpoint-Version": str(ckpt.version), "Cache-Control": "no-cache"}
     if not_modified(request, etag):
