@@ -117,7 +117,24 @@ def render(head: dict[str, Any], tables: list[Table]) -> str:
         "",
     ]
     lines += [t.markdown() for t in tables]
+    lines += targets(tables)
     return "\n".join(lines)
+
+
+def targets(tables: list[Table]) -> list[str]:
+    """The issue's targets gathered from the tables' last column: one row per verdict."""
+    rows = [
+        f"| {t.title.split(':')[0]} | {row[0] if t.key not in ('ingest', 'step') else f'{row[0]}, {row[1]}'} "
+        f"| {row[-1]} |"
+        for t in tables
+        if t.columns and t.columns[-1] == "target"
+        for row in t.rows
+        if isinstance(row[-1], str) and row[-1].strip()
+    ]
+    errors = [f"| {t.title.split(':')[0]} | (section failed) | {t.error} |" for t in tables if t.error]
+    if not rows and not errors:
+        return []
+    return ["## Targets", "", "| section | row | target |", "|---|---|---|", *rows, *errors, ""]
 
 
 def write(out: Path, head: dict[str, Any], tables: list[Table]) -> None:
@@ -166,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table.markdown(), flush=True)
             head["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
             write(args.out, head, tables)
+    print("\n".join(targets(tables)), flush=True)
     print(f"wrote {args.out / 'perf.md'} and {args.out / 'perf.json'}", file=sys.stderr)
     return 1 if failed else 0
 
