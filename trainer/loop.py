@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,7 @@ from trainer.idle import Idler
 from trainer.intake import Intake
 from trainer.metrics import TrainerMetrics
 from trainer.models import build_model
+from trainer.models.base import TrainModel
 from trainer.outage import DATABASE_ERRORS, REDIS_ERRORS, Dependency
 from trainer.publish import Publisher, checkpoint, status
 from trainer.quarantine import Quarantine
@@ -50,7 +52,7 @@ from trainer.state import resume
 from trainer.step import Learner
 from trainer.table import WeightTable
 from trainer.validation import Validation
-from trainer.weighting import make_weighting
+from trainer.weighting import Weighting, make_weighting
 
 log = logging.getLogger("datadiet.trainer")
 
@@ -60,7 +62,15 @@ IDLE_HEARTBEAT_S = 30.0  # how often an idle trainer refreshes its status hash (
 
 
 class Trainer:
-    def __init__(self, settings: TrainerSettings, feed: TrainerFeed, engine: Engine) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        feed: TrainerFeed,
+        engine: Engine,
+        learner: Callable[[TrainerSettings, TrainModel, Weighting], Learner] = Learner,
+    ) -> None:
+        """``learner`` builds the Learner (trainer/distributed.py: rank 0's, which trains with the other
+        torchrun ranks)."""
         s = self.settings = settings
         device = torch.device(
             "cuda"
@@ -73,7 +83,7 @@ class Trainer:
         torch.manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)  # batches and validation batches: one stream
         model = build_model(s.model, s.model_params).to(device)
-        self.learner = Learner(s, model, make_weighting(s, device))
+        self.learner = learner(s, model, make_weighting(s, device))
         # a rule training a reference model keeps the lease alive (and says where it is)
         self.learner.weighting.heartbeat = self._renew_lease
         self.table = WeightTable()
@@ -241,6 +251,7 @@ class Trainer:
         if task_changed and self.settings.reset_optimizer_on_validation_change:
             # Adam's moments describe the old task's gradients: the new one starts from fresh moments
             self.learner.opt.state.clear()
+            self.learner.model_changed()
 
     def train_step(self) -> bool:
         """One inner step (and outer step when due); False when there was nothing to train on."""
@@ -265,6 +276,8 @@ class Trainer:
         """Idle: the model goes back to its best weights if the loss rose (trainer/idle.py), and what it
         idles with is checkpointed and published (status ``idle``)."""
         changed = self.idler.rest(self)
+        if changed:
+            self.learner.model_changed()
         self.rate = 0.0
         self.idle_published = time.monotonic()
         if changed or self.step != self.checkpointed_step:

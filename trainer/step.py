@@ -68,38 +68,25 @@ class Learner:
             validation.refresh_gradient(
                 self.model, sampler.rng, s.val_batch_size, s.val_grad_beta, self.autocast
             )
+        g_val = validation.g_val if scoring else None
         try:
-            batch = to_device(self.model.collate(draw.payloads), self.device)
+            batch = self._batch(step, draw, g_val)
         except Exception:  # one of the samples cannot be used by this model: find it, set it aside
             self._set_aside(table, draw, quarantine)
             return None
         c = torch.as_tensor(draw.importance, dtype=torch.float32, device=self.device)
         self.model.train()
-        for group in self.opt.param_groups:  # linear warm-up of the learning rate
-            group["lr"] = s.lr * min(1.0, (step + 1) / max(s.warmup_lr_steps, 1))
-        with self.scorer.capture() if scoring else contextlib.nullcontext():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                losses = self.model.per_sample_loss(batch)  # (B,)
-            if w.batch_from == "losses":  # RHO-LOSS selection: chosen before the one backward
-                before = losses.detach().double().cpu().numpy()
-                chosen = w.batch_importance(
-                    table, BatchRecord(step, draw.rows, draw.importance, draw.payloads, before)
-                )
-                if chosen is not None:
-                    c = torch.as_tensor(chosen, dtype=torch.float32, device=self.device)
-            loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
-            loss.backward()
-        losses_np = losses.detach().double().cpu().numpy()
+        self._warm_up(step)
+        losses_np, loss, dots, norms = self._backward(step, table, draw, batch, c, g_val)
         if not np.isfinite(losses_np).all():  # before anything learns from this batch
             self._set_aside(table, draw, quarantine)
             return None
         scores: dict[str, Any] = {}
         if scoring:
-            assert validation.g_val is not None
-            dots, norms = self.scorer.scores(c, validation.g_val)
+            assert validation.g_val is not None and dots is not None and norms is not None
             scores = {
-                "dots": dots.double().cpu().numpy(),
-                "norms": norms.double().cpu().numpy(),
+                "dots": dots,
+                "norms": norms,
                 "g_norm": float(
                     torch.stack([g.float().square().sum() for g in validation.g_val]).sum().sqrt()
                 ),
@@ -126,15 +113,70 @@ class Learner:
                 losses = self.model.per_sample_loss(batch)
             loss = (c2 * losses.float()).sum()
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-        if not bool(torch.isfinite(grad_norm)):  # a finite loss with an infinite gradient: same treatment
+        if not self._update():  # a finite loss with an infinite gradient: same treatment
             self._set_aside(table, draw, quarantine)
             return None
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         lv = float(loss.detach())
         self.train_loss = lv if math.isnan(self.train_loss) else 0.95 * self.train_loss + 0.05 * lv
         return True
+
+    # ------------------------------------------------------------------ the parts trainer/distributed.py
+    # replaces: one process trains the whole batch; with torchrun ranks, each trains its shard
+    def _batch(self, step: int, draw: Draw, g_val: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The batch this process trains on: the whole draw, collated, on the device (raises when a
+        sample cannot be collated)."""
+        return to_device(self.model.collate(draw.payloads), self.device)
+
+    def _warm_up(self, step: int) -> None:
+        """Linear warm-up of the learning rate: lr (step + 1) / warmup_lr_steps, capped at lr."""
+        s = self.settings
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr * min(1.0, (step + 1) / max(s.warmup_lr_steps, 1))
+
+    def _backward(
+        self,
+        step: int,
+        table: WeightTable,
+        draw: Draw,
+        batch: dict[str, torch.Tensor],
+        c: torch.Tensor,
+        g_val: list[torch.Tensor] | None,
+    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None, np.ndarray | None]:
+        """One forward and backward of sum_i c_i loss_i over ``batch`` (c: (B,) importance weights),
+        scored against ``g_val`` when given: (losses (B,) float64, the loss backpropagated, dots (B,),
+        norms (B,)); dots and norms are None unscored or when a loss is not finite."""
+        w = self.weighting
+        with self.scorer.capture() if g_val is not None else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                losses = self.model.per_sample_loss(batch)  # (B,)
+            if w.batch_from == "losses":  # RHO-LOSS selection: chosen before the one backward
+                before = losses.detach().double().cpu().numpy()
+                chosen = w.batch_importance(
+                    table, BatchRecord(step, draw.rows, draw.importance, draw.payloads, before)
+                )
+                if chosen is not None:
+                    c = torch.as_tensor(chosen, dtype=torch.float32, device=self.device)
+            loss = (c * losses.float()).sum()  # sum_i w_i loss_i / sum_i w_i, importance-corrected
+            loss.backward()
+        losses_np = losses.detach().double().cpu().numpy()
+        if g_val is None or not np.isfinite(losses_np).all():
+            return losses_np, loss, None, None
+        dots, norms = self.scorer.scores(c, g_val)
+        return losses_np, loss, dots.double().cpu().numpy(), norms.double().cpu().numpy()
+
+    def _update(self) -> bool:
+        """Clip the gradient's norm to grad_clip and take the optimizer step; False (no step, the
+        gradient kept) when its norm is not finite."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        if not bool(torch.isfinite(grad_norm)):
+            return False
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return True
+
+    def model_changed(self) -> None:
+        """The model or the optimizer changed outside a step (an idle restore, an optimizer reset): one
+        process has nothing to do; a distributed learner sends them to the other ranks."""
 
     @torch.no_grad()
     def losses_of(self, samples: Sequence[dict[str, Any]]) -> np.ndarray:
