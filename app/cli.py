@@ -2,7 +2,7 @@
 
 datadiet demo                 # the service plus simulated agents; a summary at the end
 datadiet up                   # API + trainer on the embedded defaults (Redis, SQLite) until Ctrl-C
-datadiet serve | train        # one part alone
+datadiet serve | train        # one part alone (train --nproc 2: two data-parallel ranks)
 datadiet migrate              # bring the database schema up to date (once per deployment and upgrade)
 datadiet push samples.jsonl   # post samples (one JSON object a line) to a running API
 datadiet weights              # source weights and the weight summary, as a table
@@ -163,7 +163,11 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(_args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:  # torchrun's ranks (trainer/distributed.py); this process becomes torchrun, so
+        # signals reach it (it passes them on to the ranks) and its exit status is the command's
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        os.execv(sys.executable, [*argv, f"--nproc-per-node={args.nproc}", "-m", "trainer"])
     from trainer.__main__ import main
 
     return main()
@@ -297,11 +301,19 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     s.set_defaults(fn=cmd_serve)
-    server(
+    tr = server(
         "train",
         "run the trainer alone",
         "Checkpoints, the SQLite metadata and the embedded Redis go to the data dir",
-    ).set_defaults(fn=cmd_train)
+    )
+    tr.add_argument(
+        "--nproc",
+        type=_int_in(1, 1024),
+        default=1,
+        help="data-parallel trainer ranks on this machine, run by torchrun (default 1: one process; "
+        "one rank per GPU, or CPU ranks that share the cores; docs/scaling.md)",
+    )
+    tr.set_defaults(fn=cmd_train)
     server(
         "migrate",
         "upgrade the database schema to this version's, once per deployment and upgrade (the API and the "

@@ -4,6 +4,7 @@ python -m trainer                                        # embedded Redis + SQLi
 DATADIET_MAX_STEPS=2000 DATADIET_REWEIGHT=uniform python -m trainer   # the baseline, stopping at 2000
 DATADIET_MODEL=mlp DATADIET_MODEL_CONFIG='{"n_features": 64, "n_classes": 10}' python -m trainer
 DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... python -m trainer
+torchrun --standalone --nproc-per-node 2 -m trainer     # data-parallel ranks (trainer/distributed.py)
 
 One trainer trains a deployment at a time: a second one waits for the first's lease (store/lease.py), or
 exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out. A model
@@ -24,6 +25,7 @@ from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
+from trainer import distributed
 from trainer.loop import Trainer
 from trainer.models.base import ModelNotFound
 from trainer.outage import DATABASE_ERRORS, Dependency
@@ -35,6 +37,15 @@ EXIT_CONFIG = 78  # EX_CONFIG: the model cannot be built from its settings (a mi
 def main() -> int:
     settings = TrainerSettings()
     setup_logging(settings.log_format)
+    ranks = None
+    if distributed.world_size() > 1:  # under torchrun: rank 0 runs the trainer, the others train shards
+        try:
+            ranks = distributed.start(settings)
+        except distributed.RanksError as e:
+            logging.getLogger("datadiet.trainer").error("%s", e)
+            return EXIT_CONFIG
+        if ranks.rank > 0:
+            return distributed.serve(settings, ranks)
     settings.ensure_data_dir()
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     engine = make_engine(settings.resolved_database_url)
@@ -51,12 +62,14 @@ def main() -> int:
         client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
         try:
-            trainer = Trainer(settings, feed, engine)
+            trainer = Trainer(settings, feed, engine, learner=distributed.learner_for(ranks))
         except (ModelNotFound, ImportError, ValueError) as e:  # DATADIET_MODEL / DATADIET_MODEL_CONFIG
             logging.getLogger("datadiet.trainer").error("cannot build the %r model: %s", settings.model, e)
             return EXIT_CONFIG
         return trainer.run()
     finally:
+        if ranks is not None:
+            ranks.finish()
         engine.dispose()
         if embedded is not None:
             embedded.stop()
