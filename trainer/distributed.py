@@ -20,10 +20,11 @@ and its scorer's hooks see N c_i g_i: the coefficients it divides by are N c_i (
 
 The validation gradient G_val is computed on rank 0 (trainer/validation.py) and sent with the step that
 first needs it; the model and the optimizer state are sent whenever rank 0 changed them outside a step
-(resume, idle restore, optimizer reset). Messages go over a gloo group of their own (CPU, pickled
-objects: broadcast_object_list, scatter_object_list, all_gather_object), also under NCCL, so a rank
-waiting for an idle rank 0 waits on a socket, not on a spinning GPU kernel. Rank 0 decides when to stop
-(max_steps, SIGTERM) and tells the others; they ignore SIGTERM/SIGINT and finish with it.
+(resume, idle restore, optimizer reset). Messages go over a gloo group of their own, also under NCCL,
+so a rank waiting for an idle rank 0 waits on a socket, not on a spinning GPU kernel: a step is one
+broadcast_object_list from rank 0 (every shard's payloads and importance weights; each rank takes its
+own), DDP's all-reduce, and one all_gather of the shards' losses, dots and norms as float64 tensors.
+Rank 0 decides when to stop (max_steps, SIGTERM) and tells the others; they ignore SIGTERM/SIGINT.
 
 Not supported with ranks: the per-batch rules (``batch_from``: rholoss, l2rw), which re-weight the batch
 between its forward and backward; they exit with status 78 at start. RNG: rank 0 seeds as one process does
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -102,18 +104,16 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return dict(box[0])
 
-    def scatter(self, parts: list[Any] | None) -> Any:
-        """Rank 0 gives ``parts[r]`` to rank r (None on the others); returns this rank's part."""
-        box: list[Any] = [None]
-        dist.scatter_object_list(box, parts if self.rank == 0 else None, src=0, group=self.control)
-        return box[0]
-
-    def gather(self, part: Any) -> list[Any]:
-        """Every rank's ``part``, in rank order, on every rank."""
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, part, group=self.control)
+    def gather(self, rows: np.ndarray, sizes: list[int]) -> np.ndarray:
+        """Every rank's ``rows`` (k, sizes[rank]) side by side in rank order, (k, sum(sizes)), on every
+        rank: one all_gather of float64 tensors padded to the longest shard."""
+        k, m = rows.shape[0], max(sizes)
+        mine = torch.full((k, m), float("nan"), dtype=torch.float64)
+        mine[:, : rows.shape[1]] = torch.from_numpy(rows)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self.control)
         self.in_step = False
-        return out
+        return torch.cat([o[:, :b] for o, b in zip(out, sizes, strict=True)], dim=1).numpy()
 
     def stop(self) -> None:
         """Rank 0: tell the other ranks to exit (once; after the final checkpoint, or on a failed start)."""
@@ -214,10 +214,14 @@ class ShardLearner(Learner):
     def _wrap(self) -> None:
         # DDP's constructor broadcasts rank 0's parameters and buffers (a collective: every rank, at start)
         cuda = self.ranks.device.type == "cuda"
+        # buffers do not train: synced at the start and sent with the model, not at every forward
+        # (torch 2.13 renames broadcast_buffers to forward_sync_buffers)
+        params = inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         self.ranks.net = DistributedDataParallel(
             PerSampleLoss(self.model),
             device_ids=[self.ranks.local_rank] if cuda else None,
-            broadcast_buffers=False,  # buffers do not train; rank 0 sends them with the model when changed
+            **{no_buffer_sync: False},  # type: ignore[arg-type]
         )
 
     def shard_step(
@@ -225,12 +229,14 @@ class ShardLearner(Learner):
         batch: Batch,
         c: torch.Tensor,
         g_val: list[torch.Tensor] | None,
+        sizes: list[int],
         pad: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Forward and backward of this rank's shard (c: its importance weights (b,)), the gradients
         all-reduced by DDP; returns the whole batch's (losses (B,), dots (B,), norms (B,)) gathered from
-        every rank in batch order, dots and norms None unscored or when a loss is not finite. ``pad``: the
-        shard is a stand-in with coefficient 0 (a rank without rows), which adds no row."""
+        every rank in batch order, dots and norms None unscored or when a loss is not finite. ``sizes``:
+        every rank's shard length; ``pad``: the shard is a stand-in with coefficient 0 (a rank without
+        rows), which adds no row."""
         L, n = self, self.ranks.world
         coef = n * c  # N c_i: DDP averages over the N ranks (see the module docstring)
         with L.scorer.capture() if g_val is not None else contextlib.nullcontext():
@@ -238,19 +244,18 @@ class ShardLearner(Learner):
                 assert self.ranks.net is not None, "a step after close()"
                 losses = self.ranks.net(batch)  # (b,)
             (coef * losses.float()).sum().backward()
-        local = np.empty(0) if pad else losses.detach().double().cpu().numpy()
-        dots = norms = None
+        b = 0 if pad else len(c)
+        rows = np.full((3, b), np.nan)  # losses, dots, norms (NaN: not scored)
+        rows[0] = losses.detach().double().cpu().numpy()[:b]
         if g_val is not None and pad:
             L.scorer.clear()
-            dots = norms = np.empty(0)
-        elif g_val is not None and np.isfinite(local).all():
+        elif g_val is not None and np.isfinite(rows[0]).all():
             d, q = L.scorer.scores(coef, g_val)  # hooks saw N c_i g_i: divided by N c_i
-            dots, norms = d.double().cpu().numpy(), q.double().cpu().numpy()
-        parts = self.ranks.gather((local, dots, norms))
-        all_losses = np.concatenate([p[0] for p in parts])
-        if g_val is None or any(p[1] is None for p in parts):
-            return all_losses, None, None
-        return all_losses, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+            rows[1], rows[2] = d.double().cpu().numpy(), q.double().cpu().numpy()
+        every = self.ranks.gather(rows, sizes)  # (3, B)
+        if g_val is None or not np.isfinite(every[0]).all():  # one process scores only finite losses
+            return every[0], None, None
+        return every[0], every[1], every[2]
 
 
 class RankLearner(ShardLearner):
@@ -273,6 +278,7 @@ class RankLearner(ShardLearner):
         self._changed = True  # the first step sends the model and optimizer (a resumed run's)
         self._sent_g_val: list[torch.Tensor] | None = None
         self._shard = slice(0, 0)
+        self._sizes: list[int] = []
 
     def model_changed(self) -> None:
         self._changed = True
@@ -292,18 +298,18 @@ class RankLearner(ShardLearner):
             message["model"] = _cpu(self.model.state_dict())
             message["optimizer"] = _cpu(self.opt.state_dict())
             self._changed = False
+        # one broadcast carries every shard (each rank takes its own): at a few ranks, fewer round trips
+        # than a broadcast and a scatter. A rank with no rows (a batch smaller than the world) trains the
+        # batch's first sample with coefficient 0: it must join the backward's all-reduce, and adds nothing
+        message["sizes"] = [p.stop - p.start for p in shards]
+        message["shards"] = [
+            (draw.payloads[p], draw.importance[p], False)
+            if p.stop > p.start
+            else ([draw.payloads[0]], np.zeros(1), True)
+            for p in shards
+        ]
         self.ranks.send(message)
-        # a rank with no rows (a batch smaller than the world) trains the batch's first sample with
-        # coefficient 0: it must join the backward's all-reduce, and adds nothing to it
-        self.ranks.scatter(
-            [
-                (draw.payloads[p], draw.importance[p], False)
-                if p.stop > p.start
-                else ([draw.payloads[0]], np.zeros(1), True)
-                for p in shards
-            ]
-        )
-        self._shard = shards[0]
+        self._shard, self._sizes = shards[0], message["sizes"]
         return own
 
     def _backward(
@@ -315,7 +321,7 @@ class RankLearner(ShardLearner):
         c: torch.Tensor,
         g_val: list[torch.Tensor] | None,
     ) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None, np.ndarray | None]:
-        losses, dots, norms = self.shard_step(batch, c[self._shard], g_val)
+        losses, dots, norms = self.shard_step(batch, c[self._shard], g_val, self._sizes)
         # the loss one process backprops, sum_i c_i loss_i over the global batch (for train_loss)
         loss = (c.cpu() * torch.as_tensor(losses, dtype=torch.float32)).sum()
         return losses, loss, dots, norms
@@ -341,12 +347,13 @@ class WorkerLearner(ShardLearner):
                 self.opt.load_state_dict(message["optimizer"])  # moved to the parameters' device
             if "g_val" in message:
                 self.g_val = [g.to(self.device) for g in message["g_val"]]
-            payloads, importance, pad = self.ranks.scatter(None)
+            payloads, importance, pad = message["shards"][self.ranks.rank]
             batch = to_device(self.model.collate(payloads), self.device)
             c = torch.as_tensor(importance, dtype=torch.float32, device=self.device)
             self.model.train()
             self._warm_up(int(message["step"]))
-            losses, _, _ = self.shard_step(batch, c, self.g_val if message["scoring"] else None, pad)
+            g_val = self.g_val if message["scoring"] else None
+            losses, _, _ = self.shard_step(batch, c, g_val, message["sizes"], pad)
             # rank 0 sets the batch aside on a loss that is not finite, and skips a gradient that is not
             # (the same all-reduced gradient here): no step on any rank
             if not np.isfinite(losses).all() or not self._update():
