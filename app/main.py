@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -45,6 +44,7 @@ from store.config import Settings
 from store.embedded import resolve_redis_url
 from store.keys import Keys
 from store.meta import check_schema, make_engine, migrate
+from store.redis_client import announcements_client, async_client
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.ensure_data_dir()
         url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
         # a hung Redis answers 503 after redis_timeout; a dropped connection (a restart) is retried once
-        client = aioredis.Redis.from_url(
+        # redis.asyncio.Redis, or its RedisCluster for redis+cluster:// (store.redis_client)
+        client = async_client(
             url,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.validation_max_samples,
             )
             # the cached weights document follows the trainer's announcements on a connection of its own
-            announcements = aioredis.Redis.from_url(
+            announcements = announcements_client(
                 url, socket_connect_timeout=settings.redis_timeout, socket_keepalive=True
             )
             follower = asyncio.create_task(app.state.buffer.follow_publications(announcements))

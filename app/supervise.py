@@ -37,6 +37,7 @@ from store.config import Settings
 from store.embedded import EmbeddedRedis
 from store.meta import check_schema, make_engine, migrate
 from store.processes import api_argv, one_line, stop_process_group, wait_until_ready
+from store.redis_client import BadRedisURL, parse_redis_url
 
 log = logging.getLogger("datadiet.up")
 PR_SET_PDEATHSIG = 1
@@ -196,6 +197,11 @@ class Supervisor:
         """Lock the data dir and bind the port (StartError, nothing started, if either is taken), then
         Redis, the database's schema, and the children."""
         s = self.settings
+        if s.redis_url:  # a URL no child could use (store.redis_client): say so before anything starts
+            try:
+                parse_redis_url(s.redis_url)
+            except BadRedisURL as e:
+                raise StartError(str(e)) from None
         s.ensure_data_dir()
         self.lock_fd = hold_lock(s.data_dir / LOCK_FILE, f"pid {os.getpid()}, starting")
         self.listener = bind_listener(self.host, self.port)

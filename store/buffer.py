@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from store import scripts
 from store.keys import UNWEIGHTED_PRIORITY, Keys
+from store.redis_client import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def weight_from_priority(score: float | None) -> float | None:
 
 
 class SampleBuffer:
-    def __init__(self, client: aioredis.Redis, keys: Keys, capacity: int, validation_max: int) -> None:
+    def __init__(self, client: AsyncClient, keys: Keys, capacity: int, validation_max: int) -> None:
         self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys
         self.capacity = capacity

@@ -14,6 +14,7 @@ from pathlib import Path
 import redis
 
 from store.processes import redis_server_binary, wait_for_redis
+from store.redis_client import parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,13 @@ class EmbeddedRedis:
 
 
 def resolve_redis_url(configured: str | None, data_dir: Path) -> tuple[str, EmbeddedRedis | None]:
-    """The configured URL, or the embedded server's (started here when needed, returned to be stopped)."""
+    """The configured URL, or the embedded server's (started here when needed, returned to be stopped).
+
+    A configured URL is one server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+    (``redis+cluster://host:port``, any node; store.redis_client); another raises BadRedisURL (a
+    ValueError, one line) before anything connects."""
     if configured:
+        parse_redis_url(configured)
         return configured, None
     server = EmbeddedRedis(data_dir)
     url = server.start()

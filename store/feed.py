@@ -21,6 +21,7 @@ import redis
 from store import scripts
 from store.keys import TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys
 from store.lease import TrainerLease
+from store.redis_client import SyncClient
 
 QUARANTINE_MAXLEN = 10_000
 """The quarantine stream keeps about this many of the newest entries; its counter counts every one."""
@@ -52,7 +53,7 @@ def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
 
 class TrainerFeed:
     def __init__(
-        self, client: redis.Redis, keys: Keys, consumer: str = "trainer-0", lease_ttl_s: float = 30.0
+        self, client: SyncClient, keys: Keys, consumer: str = "trainer-0", lease_ttl_s: float = 30.0
     ) -> None:
         self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys

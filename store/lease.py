@@ -27,6 +27,7 @@ import redis
 
 from store import scripts
 from store.keys import Keys
+from store.redis_client import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _holder_is_dead(value: str) -> bool:
 class TrainerLease:
     """The lease of one trainer process on one deployment (``keys``); TTL in seconds."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: float = 30.0) -> None:
+    def __init__(self, client: SyncClient, keys: Keys, ttl_s: float = 30.0) -> None:
         self.r: Any = client
         self.k = keys
         self.ttl_ms = max(1, int(ttl_s * 1000))

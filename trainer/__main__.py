@@ -5,6 +5,7 @@ DATADIET_MAX_STEPS=2000 DATADIET_REWEIGHT=uniform python -m trainer   # the base
 DATADIET_MODEL=mlp DATADIET_MODEL_CONFIG='{"n_features": 64, "n_classes": 10}' python -m trainer
 DATADIET_REDIS_URL=redis://host:6379/0 DATADIET_DATABASE_URL=postgresql://... python -m trainer
 torchrun --standalone --nproc-per-node 2 -m trainer     # data-parallel ranks (trainer/distributed.py)
+DATADIET_REDIS_URL=redis+cluster://host:7000 python -m trainer        # a Redis Cluster (any node)
 
 One trainer trains a deployment at a time: a second one waits for the first's lease (store/lease.py), or
 exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out. A model
@@ -18,19 +19,22 @@ from __future__ import annotations
 import logging
 import sys
 
-import redis
+from redis.exceptions import RedisClusterException
 
 from app.logs import setup_logging
 from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
+from store.redis_client import UNAVAILABLE_ERRORS, sync_client
 from trainer import distributed
 from trainer.loop import Trainer
 from trainer.models.base import ModelNotFound
 from trainer.outage import DATABASE_ERRORS, Dependency
 from trainer.settings import TrainerSettings
 
+# RedisClusterException: "Redis Cluster cannot be connected" (no node the URL names answers)
+CONNECT_ERRORS = (*UNAVAILABLE_ERRORS, RedisClusterException)
 EXIT_CONFIG = 78  # EX_CONFIG: the model cannot be built from its settings (a missing path, a bad key)
 
 
@@ -58,8 +62,12 @@ def main() -> int:
         except SchemaNotCurrent as e:  # DATADIET_AUTO_MIGRATE=false and `datadiet migrate` has not run
             logging.getLogger("datadiet.trainer").error("%s", e)
             return EXIT_CONFIG
-        # a hung Redis fails a call after 10 s (the longest blocking read is 1 s) instead of holding it
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        # a hung Redis fails a call after 10 s (the longest blocking read is 1 s) instead of holding it;
+        # a cluster client reads the slot map as it is made, so an unreachable cluster is waited for here
+        _, client = Dependency("redis", CONNECT_ERRORS, max_delay_s=settings.max_backoff_s).wait_for(
+            lambda: sync_client(url, socket_timeout=10, socket_connect_timeout=5)
+        )
+        assert client is not None  # wait_for returns only once it succeeded (nothing stops it here)
         feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
         try:
             trainer = Trainer(settings, feed, engine, learner=distributed.learner_for(ranks))

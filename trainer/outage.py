@@ -17,15 +17,17 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import redis
 import sqlalchemy.exc
+
+from store.redis_client import UNAVAILABLE_ERRORS
 
 log = logging.getLogger("datadiet.trainer")
 
 T = TypeVar("T")
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
-"""A Redis that is restarting, unreachable or hung (BusyLoadingError is a ConnectionError)."""
+REDIS_ERRORS: tuple[type[BaseException], ...] = UNAVAILABLE_ERRORS
+"""A Redis that is restarting, unreachable or hung (BusyLoadingError is a ConnectionError), or a Redis
+Cluster whose slot is failing over (CLUSTERDOWN, TRYAGAIN; store.redis_client)."""
 
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,  # refused, reset, timed out (the DBAPI's OperationalError)
