@@ -166,6 +166,13 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:  # torchrun's ranks (trainer/distributed.py); this process becomes torchrun, so
         # signals reach it (it passes them on to the ranks) and its exit status is the command's
+        from trainer.distributed import RanksError, check_settings
+        from trainer.settings import TrainerSettings
+
+        try:
+            check_settings(TrainerSettings())  # what every rank would refuse, said once, before torchrun
+        except RanksError as e:
+            raise CommandError(str(e)) from None
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         os.execv(sys.executable, [*argv, f"--nproc-per-node={args.nproc}", "-m", "trainer"])
     from trainer.__main__ import main

@@ -147,3 +147,19 @@ def test_train_nproc_must_be_a_positive_count() -> None:
     assert out.stderr.strip().splitlines()[-1] == (
         "datadiet train: error: argument --nproc: must be in [1, 1024], got 0"
     )
+
+
+def test_train_nproc_refuses_a_per_batch_rule_in_one_line_before_starting_torchrun() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "train", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=datadiet_env(reweight="rholoss"),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "datadiet: DATADIET_REWEIGHT=rholoss re-weights each batch between its forward and backward, "
+        "which torchrun ranks do not support yet: run one trainer process (no --nproc)"
+    ]
