@@ -28,7 +28,14 @@ A reader can list the whole Redis layout from this file:
                                lease, before its file is written)
 
 The prefix ``p`` defaults to ``dd``. All keys of one deployment share the hash tag ``{p}`` so that a Redis
-Cluster keeps them in one slot (Lua scripts touch several of them at once).
+Cluster (``DATADIET_REDIS_URL=redis+cluster://host:port``, store/redis_client.py) keeps them in one slot:
+Redis refuses a script or MULTI whose keys are in different slots (CROSSSLOT), and the buffer's invariants
+are such scripts (store/scripts.py): INGEST does dedup (ids), insert (samples, seq), the trainer's stream
+entry (ingest) and eviction down to capacity (rank, counters, evictions) atomically; the trainer's writes
+check the lease in the same script; ``weights:published`` is passed as a key to the script that publishes
+on it, so it too must share the tag. The price: one deployment's buffer is one master's memory and one
+master's thread, whatever the cluster's size (docs/scaling.md, "Redis Cluster", with measurements and the
+design, not built, for sharding a buffer over several tags).
 """
 
 from __future__ import annotations
