@@ -11,7 +11,8 @@ One trainer trains a deployment at a time: a second one waits for the first's le
 exits with status 75 under DATADIET_LEASE_WAIT=false. Redis and database outages are waited out. A model
 that cannot be built (a missing model path, an unknown config key, an extra not installed) is one log line
 and exit status 78, as is a database schema behind this code's under DATADIET_AUTO_MIGRATE=false (run
-`datadiet migrate`). Logs: DATADIET_LOG_FORMAT=json for JSON lines (app/logs.py).
+`datadiet migrate`), or a DATADIET_REDIS_URL no client takes (store/redis_client.py). Logs:
+DATADIET_LOG_FORMAT=json for JSON lines (app/logs.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
 from store.keys import Keys
 from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
-from store.redis_client import UNAVAILABLE_ERRORS, sync_client
+from store.redis_client import UNAVAILABLE_ERRORS, BadRedisURL, sync_client
 from trainer import distributed
 from trainer.loop import Trainer
 from trainer.models.base import ModelNotFound
@@ -51,7 +52,11 @@ def main() -> int:
         if ranks.rank > 0:
             return distributed.serve(settings, ranks)
     settings.ensure_data_dir()
-    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    try:
+        url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    except BadRedisURL as e:  # a scheme no client takes, a cluster URL with a database
+        logging.getLogger("datadiet.trainer").error("%s", e)
+        return EXIT_CONFIG
     engine = make_engine(settings.resolved_database_url)
     try:
         # a database that is down at start is waited for (with backoff), never a reason to exit

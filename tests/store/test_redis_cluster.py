@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from store.config import Settings
 from store.keys import TRAINER_GROUP, Keys
-from store.processes import free_port, stop_process_group
+from store.processes import datadiet_env, free_port, stop_process_group
 from store.redis_client import BadRedisURL, parse_redis_url, sync_client
 from store.redis_cluster import LocalCluster, redis7_binaries, start_redis_cluster
 from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
@@ -90,6 +92,16 @@ def test_up_refuses_a_bad_redis_url_before_starting_anything(tmp_path: Path) -> 
     with pytest.raises(StartError, match="the scheme must be one of"):
         Supervisor(s, "127.0.0.1", 0).start()
     assert not (tmp_path / "d").exists()
+
+
+def test_the_trainer_refuses_a_bad_redis_url_in_one_line_with_exit_status_78(tmp_path: Path) -> None:
+    env = datadiet_env(redis_url="redis+cluster://127.0.0.1:7000/2", data_dir=str(tmp_path / "d"))
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 78
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "only database 0" in lines[0], lines
 
 
 # --- the service on a cluster -----------------------------------------------------------------------------
