@@ -224,7 +224,7 @@ def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
         stop_process_group(proc)
 
     text = log.read_text()
-    assert text.count("redis unavailable") == text.count("redis is back") == 2, "one line per outage"
+    assert text.count("redis unavailable") == text.count("redis is back") >= 2, "one line per outage"
     # every accepted sample is stored (the buffer holds far more than was posted: nothing was evicted) ...
     ids = sorted(accepted)
     stored: set[str] = set()
