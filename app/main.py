@@ -91,15 +91,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.validation_max_samples,
             )
             # the cached weights document follows the trainer's announcements on a connection of its own
+            # a socket timeout too (reads for messages pass their own): a hung Redis cannot hold the
+            # subscription's handshake, and so a shutdown, forever
             announcements = announcements_client(
-                url, socket_connect_timeout=settings.redis_timeout, socket_keepalive=True
+                url,
+                socket_connect_timeout=settings.redis_timeout,
+                socket_timeout=max(5.0, settings.redis_timeout),
+                socket_keepalive=True,
             )
-            follower = asyncio.create_task(app.state.buffer.follow_publications(announcements))
+            stop_following = asyncio.Event()
+            follower = asyncio.create_task(
+                app.state.buffer.follow_publications(announcements, stop_following)
+            )
             try:
                 yield
             finally:
-                follower.cancel()
-                await asyncio.wait({follower}, timeout=2.0)  # it closes its connection, or is left
+                stop_following.set()  # it returns within a second or so; cancelled only if it did not
+                if not (await asyncio.wait({follower}, timeout=3.0))[0]:
+                    follower.cancel()
+                    await asyncio.wait({follower}, timeout=1.0)
                 with contextlib.suppress(redis.RedisError, OSError):
                     await announcements.aclose()
         finally:

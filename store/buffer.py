@@ -241,21 +241,29 @@ class SampleBuffer:
         self._generation += 1
         self._doc = None
 
-    async def follow_publications(self, client: aioredis.Redis, retry_s: float = 1.0) -> None:
+    async def follow_publications(
+        self, client: aioredis.Redis, stop: asyncio.Event, retry_s: float = 1.0, poll_s: float = 1.0
+    ) -> None:
         """Keep this process's cached weights document current: subscribe to the trainer's announcements
         and drop the copy on each (Redis Pub/Sub, at-most-once: a message lost while disconnected is made
         up for by dropping the copy on every (re)subscription). ``client`` is a connection of its own
-        (no socket timeout: it waits for messages). Runs until cancelled; reconnects every ``retry_s``
-        seconds while Redis is unavailable."""
-        while True:
+        (no socket timeout: it waits for messages). Returns within about ``poll_s`` seconds of ``stop``
+        being set: it does not rely on cancellation, which a read inside redis-py's Pub/Sub can swallow.
+        Reconnects every ``retry_s`` seconds while Redis is unavailable; pings after WEIGHTS_MAX_AGE_S
+        seconds without a message, so a dead connection is noticed."""
+        while not stop.is_set():
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self.k.weights_published)
-                while True:
-                    message = await pubsub.get_message(timeout=WEIGHTS_MAX_AGE_S)
-                    if message is None:  # quiet: check that the connection still answers
-                        await pubsub.ping()
+                heard = time.monotonic()
+                while not stop.is_set():
+                    message = await pubsub.get_message(timeout=poll_s)
+                    if message is None:
+                        if time.monotonic() - heard > WEIGHTS_MAX_AGE_S:  # quiet: does it still answer?
+                            await pubsub.ping()
+                            heard = time.monotonic()
                         continue
+                    heard = time.monotonic()
                     if message["type"] == "subscribe":
                         self._following = True
                     self._drop_cached()
@@ -267,4 +275,5 @@ class SampleBuffer:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     async with asyncio.timeout(1.0):  # never hold up a shutdown on a dead connection
                         await pubsub.aclose()
-            await asyncio.sleep(retry_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), retry_s)
