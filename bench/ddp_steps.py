@@ -139,7 +139,8 @@ def main() -> None:
         server = start_redis_server(root / "redis")
         try:
             print(
-                f"| model | ranks | batch | threads/rank | steps/s (steps {args.skip}-{args.steps}) | wall s |"
+                "| model | ranks | batch | threads/rank "
+                f"| steps/s (steps {args.skip}-{args.steps}) | wall s |"
             )
             print("|---|---|---|---|---|---|")
             for model in args.models:
