@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import itertools
 import logging
@@ -130,8 +131,11 @@ class Ranks:
         self.close()
 
     def close(self) -> None:
-        """Free the DDP wrapper (its reducer must go before its process group), leave the groups."""
+        """Free the DDP wrapper, then leave the groups: a reducer that outlives its process group (DDP
+        sits in reference cycles, so only a collection frees it) aborts the process at exit, "terminate
+        called without an active exception", in 2-3 of 10 runs here; none in 20 with the collection."""
         self.net = None
+        gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -295,7 +299,8 @@ class RankLearner(ShardLearner):
             message["g_val"] = _cpu(g_val)
             self._sent_g_val = g_val
         if self._changed:
-            message["model"] = _cpu(self.model.state_dict())
+            # what a checkpoint holds (a LoRA model: its adapters; every rank built the same base)
+            message["model"] = _cpu(self.model.checkpoint_tensors())
             message["optimizer"] = _cpu(self.opt.state_dict())
             self._changed = False
         # one broadcast carries every shard (each rank takes its own): at a few ranks, fewer round trips
@@ -343,7 +348,7 @@ class WorkerLearner(ShardLearner):
             if message["op"] == "stop":
                 return 0
             if "model" in message:
-                self.model.load_state_dict(message["model"])
+                self.model.load_checkpoint_tensors(message["model"])
                 self.opt.load_state_dict(message["optimizer"])  # moved to the parameters' device
             if "g_val" in message:
                 self.g_val = [g.to(self.device) for g in message["g_val"]]

@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from store.meta import Checkpoint, make_engine
-from store.processes import datadiet_env, spawn, stop_process_group
+from store.processes import datadiet_env, free_port, spawn, stop_process_group
 from tests.conftest import REPO_ROOT
 from tests.trainer.conftest import MLP, blobs
 from trainer.state import TrainerState, load_state
@@ -27,7 +27,7 @@ KNOBS: dict[str, Any] = {
     "reweight_every": 5,
     "warmup_steps": 5,  # the learned weights take effect within the run
     "warmup_lr_steps": 5,
-    "checkpoint_every": 10_000,
+    "checkpoint_every": 10,  # both runs checkpoint at step 10, where the first two-rank run stops
     "torch_threads": 1,
     "progress_every_s": 3600.0,
 }
@@ -55,20 +55,45 @@ def _final(data_dir: Path) -> tuple[dict[str, torch.Tensor], TrainerState]:
     return safetensors.torch.load_file(row.path), state
 
 
+def _run_two_ranks(env: dict[str, str], log: Path, *, via_cli: bool) -> None:
+    """Two ranks to the end, exit status 0: through ``datadiet train --nproc 2`` (torchrun), or -- 4 s
+    less on this machine, without torchrun's and the command's start and exit -- as torchrun starts them:
+    ``python -m trainer`` with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    if via_cli:
+        argvs = [([sys.executable, "-m", "app.cli", "train", "--nproc", "2"], env)]
+    else:
+        rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        argvs = [
+            ([sys.executable, "-m", "trainer"], {**env, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(2)
+        ]
+    procs = [spawn(argv, log=log, env=e, cwd=REPO_ROOT) for argv, e in argvs]
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
+    finally:
+        for proc in procs:
+            stop_process_group(proc)
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b|: the largest difference relative to the array's scale."""
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
 
 
 @pytest.mark.parametrize(
-    "batch_size",
+    ("batch_size", "stops"),
     [
-        33,  # odd: shards of 17 and 16 rows
-        1,  # fewer rows than ranks: rank 1 trains a stand-in with coefficient 0 (it must join the all-reduce)
+        # odd: shards of 17 and 16 rows; stopped at step 10 and resumed, so rank 0 must send the resumed
+        # model and optimizer state to rank 1 (a rank with other Adam moments would drift apart from it)
+        (33, [10, STEPS]),
+        # fewer rows than ranks: rank 1 trains a stand-in with coefficient 0 (it must join the all-reduce)
+        (1, [STEPS]),
     ],
 )
 def test_two_gloo_ranks_train_like_one_process_at_the_same_global_batch(
     batch_size: int,
+    stops: list[int],
     redis_url: str,
     tmp_path: Path,
     make_settings: Callable[..., Any],
@@ -96,22 +121,21 @@ def test_two_gloo_ranks_train_like_one_process_at_the_same_global_batch(
     assert one.run() == 0 and one.step == STEPS
 
     log = tmp_path / "ddp.log"
-    env = datadiet_env(
-        redis_url=redis_url,
-        redis_prefix="ddp",
-        data_dir=str(tmp_path / "ddp"),
-        model="mlp",
-        model_config=json.dumps(MLP),
-        max_steps=str(STEPS),
-        **{k: str(v) for k, v in knobs.items()},
-    )
-    proc = spawn([sys.executable, "-m", "app.cli", "train", "--nproc", "2"], log=log, env=env, cwd=REPO_ROOT)
-    try:
-        assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
-    finally:
-        stop_process_group(proc)
+    for i, max_steps in enumerate(stops):
+        env = datadiet_env(
+            redis_url=redis_url,
+            redis_prefix="ddp",
+            data_dir=str(tmp_path / "ddp"),
+            model="mlp",
+            model_config=json.dumps(MLP),
+            max_steps=str(max_steps),
+            **{k: str(v) for k, v in knobs.items()},
+        )
+        _run_two_ranks(env, log, via_cli=batch_size > 1 and i == 0)
     text = log.read_text()
-    assert "data-parallel: 2 ranks (gloo)" in text, text[-3000:]
+    assert text.count("data-parallel: 2 ranks (gloo)") == len(stops), text[-3000:]
+    if len(stops) > 1:
+        assert "resumed from checkpoint v1 at step 10" in text, text[-3000:]
 
     (model1, s1), (model2, s2) = _final(tmp_path / "one"), _final(tmp_path / "ddp")
     assert s1.step == s2.step == STEPS
