@@ -61,7 +61,7 @@ SCENARIOS = ["noisy", "noisy-carry", "redundancy", "misaligned", "drift", "digit
 DEFAULT_SCENARIOS = ["noisy", "redundancy", "misaligned", "drift", "digits"]
 METHODS = ["uniform", "random", "val-only", "loss", "l2rw", "rholoss", "bilevel", "oracle"]
 # bilevel without the trusted-set teacher, and with every queued sample scored; run when asked for by name
-ABLATIONS = ["bilevel-hypergrad", "bilevel-queue-all", "bilevel-cheap"]
+ABLATIONS = ["bilevel-hypergrad", "bilevel-queue-all", "bilevel-cheap", "bilevel-lean"]
 NOT_FOR = {
     "drift": {"random", "oracle"},  # nothing to subsample against, no clean-only stream
     "noisy-carry": {"random", "val-only", "loss", "l2rw", "rholoss"},  # a probe: ours, uniform, oracle

@@ -46,6 +46,7 @@ TRAINER_METHOD = {
     "bilevel-hypergrad": "bilevel",
     "bilevel-queue-all": "bilevel",
     "bilevel-cheap": "bilevel",
+    "bilevel-lean": "bilevel",
 }
 EXTRA_SETTINGS = {
     # Learning to Reweight Examples uses a fresh validation gradient every step (no running average)
@@ -57,6 +58,8 @@ EXTRA_SETTINGS = {
     # issue 14's cheaper outer loop: score every other step, the validation gradient every 16 steps, the
     # teacher calibrated every 100
     "bilevel-cheap": {"outer_every": "2", "val_grad_every": "8", "teacher_calibrate_every": "100"},
+    # ... and without halving the scoring: every step scored, the rest as above
+    "bilevel-lean": {"val_grad_every": "8", "teacher_calibrate_every": "100"},
 }
 POLL_S = 0.5
 PACED_PUBLISH_S = "0.25"  # paced runs: the trainer publishes its step this often (default 2 s), for the pacer
