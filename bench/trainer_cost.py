@@ -91,6 +91,10 @@ LEVERS = [
     Lever("val_batch_size=16", {"val_batch_size": 16}),
     Lever("scored layers: output Linear only", last_layer_only=True),
     Lever("outer_every=2, val_grad_every=8", {"outer_every": 2, "val_grad_every": 8}),
+    Lever(
+        "val_grad_every=8, teacher_calibrate_every=100",
+        {"val_grad_every": 8, "teacher_calibrate_every": 100},
+    ),
 ]
 R = TypeVar("R")
 
