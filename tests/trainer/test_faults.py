@@ -166,6 +166,10 @@ def test_the_trainer_outlives_a_redis_restart_and_goes_on_learning(
     assert api.get("/v1/checkpoints/latest").json()["metrics"]["val_loss"] is not None
 
 
+# every checkpoint kept: retention (5 by default) would delete the oldest rows the test counts
+KEEP_ALL = {"keep_checkpoints": "100000"}
+
+
 @pytest.mark.slow
 def test_checkpoints_written_while_the_database_refuses_are_registered_when_it_returns(
     redis_url: str,
@@ -193,7 +197,7 @@ def test_checkpoints_written_while_the_database_refuses_are_registered_when_it_r
         api = make_client(make_settings(database_url=direct, model="mlp", model_params=MLP))
         api.post("/v1/samples", json={"samples": blobs(400, 1, source="a", noisy=False, prefix="a")})
         api.put("/v1/validation", json={"samples": blobs(32, 2, source="v", noisy=False, prefix="v")})
-        proc = start_trainer(redis_url, data_dir, log, database_url=proxied, max_backoff_s="1")
+        proc = start_trainer(redis_url, data_dir, log, database_url=proxied, max_backoff_s="1", **KEEP_ALL)
         try:
             wait_for(lambda: _versions_and_hashes(direct), 120, "a registered checkpoint", log)
             proxy.set_mode("refuse")
@@ -208,7 +212,9 @@ def test_checkpoints_written_while_the_database_refuses_are_registered_when_it_r
             assert proc.poll() is None
             os.killpg(proc.pid, signal.SIGTERM)  # stopped during the outage ...
             assert proc.wait(timeout=60) == 0
-            proc = start_trainer(redis_url, data_dir, log, database_url=proxied, max_backoff_s="1")
+            proc = start_trainer(
+                redis_url, data_dir, log, database_url=proxied, max_backoff_s="1", **KEEP_ALL
+            )
             time.sleep(4)  # ... and started again: it waits for the database instead of dying
             assert proc.poll() is None, log.read_text()[-3000:]
             on_disk = len(list(ckpts.glob("v*.safetensors")))
