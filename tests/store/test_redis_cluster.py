@@ -120,6 +120,17 @@ def test_the_api_answers_503_while_no_node_of_the_cluster_answers(
         assert r.json()["error"]["detail"] and r.headers["Retry-After"]
 
 
+def undelivered(url: str, keys: Keys) -> list[Any]:
+    """Entries of the ingest stream after the trainer group's last delivered id (at most one)."""
+    with sync_client(url) as r:
+        group = next(
+            g for g in r.xinfo_groups(keys.ingest) if g["name"] in (TRAINER_GROUP, TRAINER_GROUP.encode())
+        )
+        last = group["last-delivered-id"]
+        last = last.decode() if isinstance(last, bytes) else last
+        return list(r.xrange(keys.ingest, min=f"({last}", count=1))
+
+
 def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
     cluster: LocalCluster,
     tmp_path: Path,
@@ -218,6 +229,8 @@ def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
             "training on samples posted after the restart",
             log,
         )
+        # the trainer has read every entry (under load it may still be behind): then stop it
+        wait_for(lambda: not undelivered(url, keys), 60, "the trainer to read every entry", log)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
@@ -236,11 +249,14 @@ def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
         )
     assert stored == accepted
     # ... and was delivered to the trainer and acknowledged by its checkpoints
+    # (the stream's entries after the group's last delivered id, not XINFO's lag: Redis does not always
+    # know the lag after a master restarted from its append-only file)
+    assert undelivered(url, keys) == [], "entries never delivered to the trainer"
     with sync_client(url) as r:
         group = next(
             g for g in r.xinfo_groups(keys.ingest) if g["name"] in (TRAINER_GROUP, TRAINER_GROUP.encode())
         )
-        assert (group["pending"], group["lag"]) == (0, 0), group
+        assert group["pending"] == 0, group
     latest = api.get("/v1/checkpoints/latest").json()
     file = api.get("/v1/checkpoints/latest/file")
     assert file.status_code == 200 and file.headers["X-Checkpoint-Version"] == str(latest["version"])
