@@ -31,6 +31,8 @@ FRESH_TARGET_S = 2.0
 FRESH_BATCH = 100
 FRESH_FIELDS = ("freshness_p50_s", "freshness_p99_s", "freshness_n")
 
+STEP_TARGET = 1.3  # issue 14: bilevel <= 1.3x uniform at the defaults (trainer_cost.py keeps its older 1.5)
+
 
 # ------------------------------------------------------------------------------------------ 6. freshness
 def freshness(t: Table, s: Scale, work: Path) -> None:
@@ -149,7 +151,7 @@ def step(t: Table, s: Scale, work: Path) -> None:
         by_wall = a.typical_ms() / base.typical_ms()
         judged = by_cpu if a.by_cpu else by_wall
         clock = "CPU" if a.by_cpu else "wall"
-        ok = "" if a is base else f"<= {tc.STEP_TARGET}x (by {clock}): {verdict(judged <= tc.STEP_TARGET)}"
+        ok = "" if a is base else f"<= {STEP_TARGET}x (by {clock}): {verdict(judged <= STEP_TARGET)}"
         t.add(a.model, a.method, a.typical_ms(), a.cpu_ms(), f"{by_cpu:.2f}x", f"{by_wall:.2f}x", ok)
     t.notes.append(
         f"`Trainer.train_step` through `bench/trainer_cost.py` (its `make_trainer`, `Arm`, `run_rounds`): "
