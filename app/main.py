@@ -106,10 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield
             finally:
-                stop_following.set()  # it returns within a second or so; cancelled only if it did not
-                if not (await asyncio.wait({follower}, timeout=3.0))[0]:
-                    follower.cancel()
-                    await asyncio.wait({follower}, timeout=1.0)
+                # cancelled to stop at once; should a read inside redis-py swallow the cancellation, the
+                # event still ends its loop within a second
+                stop_following.set()
+                follower.cancel()
+                await asyncio.wait({follower}, timeout=3.0)
                 with contextlib.suppress(redis.RedisError, OSError):
                     await announcements.aclose()
         finally:

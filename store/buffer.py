@@ -248,7 +248,8 @@ class SampleBuffer:
         and drop the copy on each (Redis Pub/Sub, at-most-once: a message lost while disconnected is made
         up for by dropping the copy on every (re)subscription). ``client`` is a connection of its own
         (no socket timeout: it waits for messages). Returns within about ``poll_s`` seconds of ``stop``
-        being set: it does not rely on cancellation, which a read inside redis-py's Pub/Sub can swallow.
+        being set, even if a read inside redis-py's Pub/Sub swallowed a cancellation (cancel it too, for
+        a prompt stop: app/main.py's lifespan does).
         Reconnects every ``retry_s`` seconds while Redis is unavailable; pings after WEIGHTS_MAX_AGE_S
         seconds without a message, so a dead connection is noticed."""
         while not stop.is_set():
