@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.input_spec = InputSpec.from_settings(
                 settings.resolved_input_kind, settings.model_params
             )
+            app.state.checkpoint_rows = {}  # version -> its row, read once (app/routes/checkpoints.py)
             app.state.buffer = SampleBuffer(
                 client,
                 Keys(settings.redis_prefix),

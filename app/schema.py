@@ -424,7 +424,7 @@ def wide_integer_error(raw: bytes | bytearray) -> InvalidInput | None:
     """For a body orjson parsed: orjson reads an integer beyond 64 bits as a float, silently dropping its
     digits, so ``meta`` would not be returned as sent. The error naming the first sample and field that
     holds one, or None. An exact second parse runs only when the bytes hold a run of 19 digits."""
-    if bytes(raw).translate(_DIGITS_TO_ZERO).find(_LONG_DIGIT_RUN) < 0:
+    if raw.translate(_DIGITS_TO_ZERO).find(_LONG_DIGIT_RUN) < 0:
         return None
     try:
         exact = json.loads(raw)

@@ -28,6 +28,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.trainer_idle import arithmetic  # noqa: E402
 from store.processes import datadiet_env, free_port, spawn, start_redis_server, stop_process_group  # noqa: E402
 
 MLP = {"n_features": 64, "n_classes": 10}
@@ -40,14 +41,6 @@ def vectors(n: int, prefix: str, rng: random.Random) -> list[dict[str, Any]]:
         y = rng.randrange(10)
         x = [rng.gauss(1.5 if j // 6 == y else 0.0, 1.0) for j in range(64)]
         out.append({"id": f"{prefix}{i}", "source": "s", "input": [round(v, 4) for v in x], "target": y})
-    return out
-
-
-def arithmetic(n: int, prefix: str, rng: random.Random) -> list[dict[str, Any]]:
-    out = []
-    for i in range(n):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        out.append({"id": f"{prefix}{i}", "source": "calc", "input": f"{a}+{b}=", "target": str(a + b)})
     return out
 
 

@@ -127,7 +127,7 @@ async def _file_row(request: Request, version: str) -> Checkpoint:
     """The row of a checkpoint to download: a numbered version from this process's cache once read (its
     file is checked on every use: retention deletes the row, then the file), ``latest`` from the database
     each time. Saves a database round trip (a worker thread) on every poll of a pinned version."""
-    cache: dict[str, Checkpoint] = request.app.state.__dict__.setdefault("checkpoint_rows", {})
+    cache: dict[str, Checkpoint] = request.app.state.checkpoint_rows
     row = cache.get(version)
     if row is not None and os.path.exists(row.path):
         return row

@@ -9,25 +9,10 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
-import redis
 from checkpoint_rows import publish_checkpoint
-
-from store.feed import TrainerFeed
-from store.keys import Keys
-
-
-def weights_doc(step: int) -> dict[str, Any]:
-    hist = {"edges": [0.0, 4.000000001], "counts": [3]}
-    summary = {"count": 3, "effective_fraction": 1.0, "mean": 1.0, "histogram": hist}
-    return {
-        "step": step,
-        "updated_at": "2026-01-01T00:00:00+00:00",
-        "sources": {"a": 1.0},
-        "summary": summary,
-    }
+from published_weights import trainer_feed, weights_doc
 
 
 def served_step(base: str, step: int, within_s: float = 2.0) -> httpx.Response:
@@ -57,10 +42,9 @@ def test_two_replicas_serve_the_same_samples_weights_and_checkpoints(
     assert httpx.get(f"{b}/v1/samples/s2").json()["input"] == [2, 1.5]
     assert httpx.get(f"{a}/v1/stats").json()["buffer"] == httpx.get(f"{b}/v1/stats").json()["buffer"]
 
-    feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys())
-    assert feed.lease.acquire(wait=False)
+    feed = trainer_feed(redis_url)
     for step in (1, 2):  # each replica's cached document follows every publication
-        feed.publish_weights(weights_doc(step), ordinals=[1, 2, 3], weights=[0.5, 1.0, 1.5])
+        feed.publish_weights(weights_doc(step, count=3), ordinals=[1, 2, 3], weights=[0.5, 1.0, 1.5])
         on_a, on_b = served_step(a, step), served_step(b, step)
         assert on_a.json()["step"] == on_b.json()["step"] == step
         assert on_a.headers["etag"] == on_b.headers["etag"]

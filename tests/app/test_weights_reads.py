@@ -5,31 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
+from published_weights import trainer_feed, weights_doc
 
 from store.config import Settings
-from store.feed import TrainerFeed
-from store.keys import Keys
-
-
-def doc(step: int) -> dict[str, Any]:
-    hist = {"edges": [0.0, 4.000000001], "counts": [2]}
-    summary = {"count": 2, "effective_fraction": 1.0, "mean": 1.0, "histogram": hist}
-    return {
-        "step": step,
-        "updated_at": "2026-01-01T00:00:00+00:00",
-        "sources": {"a": 1.0},
-        "summary": summary,
-    }
-
-
-def trainer_feed(redis_url: str) -> TrainerFeed:
-    feed = TrainerFeed(redis.Redis.from_url(redis_url), Keys())
-    assert feed.lease.acquire(wait=False)
-    return feed
 
 
 def gets_served_by_redis(redis_url: str) -> int:
@@ -50,7 +31,7 @@ def test_an_unchanged_document_answers_304_to_its_etag_and_a_new_one_200(
     app_client: TestClient, redis_url: str
 ) -> None:
     feed = trainer_feed(redis_url)
-    feed.publish_weights(doc(1), [], [])
+    feed.publish_weights(weights_doc(1), [], [])
     wait_for_step(app_client, 1, within_s=2)
 
     first = app_client.get("/v1/weights")
@@ -60,7 +41,7 @@ def test_an_unchanged_document_answers_304_to_its_etag_and_a_new_one_200(
     weak = app_client.get("/v1/weights", headers={"If-None-Match": f'"other", W/{etag}'})
     assert weak.status_code == 304
 
-    feed.publish_weights(doc(2), [], [])
+    feed.publish_weights(weights_doc(2), [], [])
     wait_for_step(app_client, 2, within_s=2)
     changed = app_client.get("/v1/weights", headers={"If-None-Match": etag})
     assert changed.status_code == 200 and changed.json()["step"] == 2
@@ -71,15 +52,15 @@ def test_reads_between_publications_come_from_memory_and_a_publication_is_seen_a
     app_client: TestClient, redis_url: str
 ) -> None:
     feed = trainer_feed(redis_url)
-    feed.publish_weights(doc(1), [], [])
+    feed.publish_weights(weights_doc(1), [], [])
     wait_for_step(app_client, 1, within_s=2)
 
     before = gets_served_by_redis(redis_url)
     for _ in range(50):
-        assert app_client.get("/v1/weights").json() == doc(1)
+        assert app_client.get("/v1/weights").json() == weights_doc(1)
     assert gets_served_by_redis(redis_url) - before <= 1  # one refresh at most (the cache's age limit)
 
-    feed.publish_weights(doc(2), [], [])
+    feed.publish_weights(weights_doc(2), [], [])
     # the announcement drops the cached copy: far sooner than the cache's 5 s age limit
     assert wait_for_step(app_client, 2, within_s=1.0) < 1.0
 
@@ -93,7 +74,7 @@ def test_weights_of_ids_skip_unknown_repeated_and_empty_ids_and_bound_their_leng
     unweighted = client.get("/v1/weights/samples", params={"ids": "s0,,s0,nope,s2"}).json()
     assert unweighted == {"step": 0, "weights": {"s0": 1.0, "s2": 1.0}}
 
-    trainer_feed(redis_url).publish_weights(doc(7), ordinals=[1, 2, 3], weights=[0.125, 2.5, 1e-7])
+    trainer_feed(redis_url).publish_weights(weights_doc(7), ordinals=[1, 2, 3], weights=[0.125, 2.5, 1e-7])
     got = client.get("/v1/weights/samples", params={"ids": "s2,s1,s0"})
     assert got.json() == {"step": 7, "weights": {"s2": 1e-7, "s1": 2.5, "s0": 0.125}}
 
