@@ -137,6 +137,17 @@ class TrainerLease:
         if self.value is None or time.monotonic() - self.renewed_at >= self.ttl_ms / 3000:
             self.renew()
 
+    def superseded(self) -> str | None:
+        """The lease value of a trainer that has taken the lease since this process last held it, or None
+        (this process still holds it, or nobody has held it since). A read only: it neither renews nor
+        takes the lease. Raises Redis errors."""
+        if not self.token:
+            return None
+        fence, current = self.r.get(self.k.fence), self.r.get(self.k.lease)
+        if fence is not None and int(fence) > self.token:
+            return current.decode() if current is not None else f"fencing token {int(fence)}"
+        return None
+
     def release(self) -> None:
         """Give the lease up (a clean stop), so a waiting trainer takes over at once."""
         if self.value is not None:

@@ -132,6 +132,21 @@ class Trainer:
         except LeaseLost as e:
             log.error("%s: stopping without writing more (steps since the last checkpoint are dropped)", e)
             return EXIT_LEASE_LOST
+        except Exception as e:
+            # a trainer paused past its lease can wake anywhere, and fail on what its successor changed
+            # meanwhile (a checkpoint file retention deleted under a resume): that is the lost lease, not a
+            # crash of its own
+            successor = self._successor()
+            if successor is None:
+                raise
+            log.error(
+                "another trainer took the lease (%s) while this one was paused; stopping without writing "
+                "more (what failed here: %s: %s)",
+                successor,
+                type(e).__name__,
+                e,
+            )
+            return EXIT_LEASE_LOST
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -150,10 +165,16 @@ class Trainer:
             if not self.stop_requested:
                 log.error("not waiting for the lease (DATADIET_LEASE_WAIT is off): exiting")
             return False
-        # holding the lease, no other trainer can be mid-write: what a killed write left is garbage
+        # holding the lease, no other trainer can be mid-write: what a killed write left is garbage. Each
+        # step that touches shared files or rows first checks the lease is still this process's (a
+        # trainer paused here past its TTL must not delete or register its successor's files)
+        if not self.redis.wait_for(self.feed.lease.renew, stop)[0]:
+            return False
         for sub in ("checkpoints", "trainer"):
             remove_stale_temp_files(s.data_dir / sub)
         for db_step in (self.publisher.adopt_unregistered, lambda: resume(self, self.engine)):
+            if not self.redis.wait_for(self.feed.lease.renew, stop)[0]:
+                return False
             if not self.db.wait_for(db_step, stop)[0]:
                 return False
         for redis_step in (
@@ -216,6 +237,14 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------ the named steps
+    def _successor(self) -> str | None:
+        """Who took this trainer's lease since it last held it (store.lease), or None; None too when Redis
+        cannot say."""
+        try:
+            return self.feed.lease.superseded()
+        except REDIS_ERRORS:
+            return None
+
     def _renew_lease(self) -> None:
         self.redis.attempt(self.feed.lease.renew_if_due)
 

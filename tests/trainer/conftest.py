@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from store.feed import TrainerFeed
 from store.keys import Keys
@@ -58,6 +59,13 @@ def start_trainer(redis_url: str, data_dir: Path, log: Path, **settings: str) ->
         **settings,
     )
     return spawn([sys.executable, "-m", "trainer"], log=log, env=env, cwd=REPO_ROOT)
+
+
+def published_checkpoints(api: TestClient) -> list[dict[str, Any]]:
+    """The checkpoints the API lists; [] while there are none or the API cannot say (a 503 while the
+    trainer holds SQLite's write lock is an error document, not a list)."""
+    r = api.get("/v1/checkpoints")
+    return r.json() if r.status_code == 200 else []
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:

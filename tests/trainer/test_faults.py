@@ -31,7 +31,7 @@ from store.keys import Keys
 from store.meta import Checkpoint, make_engine
 from store.processes import start_redis_server, stop_process_group
 from tests.conftest import POSTGRES_ENV
-from tests.trainer.conftest import MLP, N_FEATURES, blobs, start_trainer, wait_for
+from tests.trainer.conftest import MLP, N_FEATURES, blobs, published_checkpoints, start_trainer, wait_for
 from trainer.loop import EXIT_LEASE_LOST
 
 
@@ -258,7 +258,7 @@ def test_a_second_trainer_waits_for_the_lease_and_takes_over_when_the_first_stop
     a = start_trainer(redis_url, data_dir, log_a)
     b = None
     try:
-        wait_for(lambda: api.get("/v1/checkpoints").json(), 120, "A's first checkpoint", log_a)
+        wait_for(lambda: published_checkpoints(api), 120, "A's first checkpoint", log_a)
         b = start_trainer(redis_url, data_dir, log_b)
         wait_for(lambda: "another trainer holds" in log_b.read_text(), 60, "B to wait for the lease", log_b)
         time.sleep(2)
@@ -307,16 +307,54 @@ def test_a_trainer_paused_past_its_lease_cannot_publish_over_its_successor(
     a = start_trainer(redis_url, data_dir, log_a, lease_ttl_s="2")
     b = None
     try:
-        wait_for(lambda: api.get("/v1/checkpoints").json(), 120, "A's first checkpoint", log_a)
+        wait_for(lambda: published_checkpoints(api), 120, "A's first checkpoint", log_a)
         os.killpg(a.pid, signal.SIGSTOP)
         b = start_trainer(redis_url, data_dir, log_b, lease_ttl_s="2")
         wait_for(lambda: "published checkpoint" in log_b.read_text(), 120, "B to take over", log_b)
         os.killpg(a.pid, signal.SIGCONT)
-        assert a.wait(timeout=60) == EXIT_LEASE_LOST
+        assert a.wait(timeout=60) == EXIT_LEASE_LOST, log_a.read_text()
         assert "another trainer" in log_a.read_text()
         assert b.poll() is None
     finally:
         stop_process_group(a)
         if b is not None:
             stop_process_group(b)
+    _assert_every_published_file_matches_its_row(f"sqlite:///{data_dir / 'meta.db'}")
+
+
+@pytest.mark.slow
+def test_a_trainer_paused_while_it_resumes_stops_at_its_successors_changes_instead_of_crashing(
+    redis_url: str, tmp_path: Path, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
+) -> None:
+    """Fencing covers start-up too: A is paused the moment it holds the lease, before or while it resumes
+    from the newest checkpoint; B takes over and its retention (keep 1) deletes the files A was about to
+    read. A wakes to a changed world: it must stop with the lease-lost status (75), not crash (1), and
+    touch nothing of B's."""
+    data_dir = tmp_path / "data"
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    api.post("/v1/samples", json={"samples": blobs(400, 1, source="a", noisy=False, prefix="a")})
+    api.put("/v1/validation", json={"samples": blobs(32, 2, source="v", noisy=False, prefix="v")})
+    first = start_trainer(redis_url, data_dir, tmp_path / "first.log", max_steps="60")
+    assert first.wait(timeout=120) == 0  # checkpoints to resume from
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start_trainer(redis_url, data_dir, log_a, lease_ttl_s="1")
+    b = None
+    try:
+        deadline = time.monotonic() + 120
+        while "holding the trainer lease" not in log_a.read_text():
+            assert a.poll() is None and time.monotonic() < deadline, log_a.read_text()
+            time.sleep(0.002)
+        os.killpg(a.pid, signal.SIGSTOP)
+        b = start_trainer(redis_url, data_dir, log_b, lease_ttl_s="1", keep_checkpoints="1")
+        wait_for(lambda: "retention: deleted" in log_b.read_text(), 120, "B to publish and prune", log_b)
+        os.killpg(a.pid, signal.SIGCONT)
+        assert a.wait(timeout=60) == EXIT_LEASE_LOST, log_a.read_text()
+        assert "another trainer" in log_a.read_text() and "Traceback" not in log_a.read_text()
+        time.sleep(1)
+        assert b.poll() is None, log_b.read_text()
+    finally:
+        stop_process_group(a)
+        if b is not None:
+            stop_process_group(b)
+    assert "Traceback" not in log_b.read_text()
     _assert_every_published_file_matches_its_row(f"sqlite:///{data_dir / 'meta.db'}")

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from store.keys import Keys
 from store.meta import Checkpoint, make_engine
 from store.processes import stop_process_group
-from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
+from tests.trainer.conftest import MLP, blobs, published_checkpoints, start_trainer, wait_for
 from trainer.state import load_state
 
 CAPACITY = 2500
@@ -169,7 +169,7 @@ def test_a_trainer_stopped_with_sigterm_keeps_scoring_after_a_restart(
     log = tmp_path / "trainer.log"
     proc = start_trainer(redis_url, data_dir, log)
     try:
-        wait_for(lambda: api.get("/v1/checkpoints").json(), 120, "a checkpoint", log)
+        wait_for(lambda: published_checkpoints(api), 120, "a checkpoint", log)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
