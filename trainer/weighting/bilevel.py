@@ -90,6 +90,10 @@ GUARD_CLIMB = 0.2  # a validation loss this far above its best counts as climbin
 GUARD_CONCENTRATED = 0.5  # ... while the weights' effective sample size is below this fraction
 GUARD_MIN_TEMPERATURE = 1 / 16
 GUARD_RECOVER = 1.25  # the temperature's growth per check once the loss is back
+GUARD_WINDOW = 3  # the guard reads the median of the last this many checks' losses: one noisy check is not
+# a climb (on the demo stream a single check swings +-25% around the trend with nothing wrong)
+GUARD_NOISE_Z = 3.0  # ... and a climb must also exceed this many times the checks' own noise
+NOISE_BETA = 0.2  # running mean of |check-to-check change| of the loss: the noise scale
 
 
 class Bilevel(Weighting):
@@ -117,8 +121,10 @@ class Bilevel(Weighting):
         self.teacher_version: int | None = None  # the validation version the teacher column was measured by
         self.teacher_state: dict[str, Any] = {}  # a resumed run's teacher calibration, until it is fitted
         self.temperature = 1.0  # the guard's factor on the learned logits (_guard)
-        self.best_val_loss = math.inf  # the lowest validation loss the guard saw since its last trip
-        self.last_val_loss = math.inf  # the validation loss at the guard's last check
+        self.best_val_loss = math.inf  # the lowest smoothed validation loss since the guard's last trip
+        self.last_val_loss = math.inf  # the smoothed validation loss at the guard's last check
+        self.val_history: list[float] = []  # the last GUARD_WINDOW checks' validation losses
+        self.val_noise = 0.0  # running mean |change| of the loss between consecutive checks
         self.guard_trips = 0
         self.guard_version: int | None = None
 
@@ -205,41 +211,57 @@ class Bilevel(Weighting):
 
     def _guard(self, table: WeightTable, val_loss: float) -> None:
         """A trust region on the learned (hypergradient) logits, checked at each teacher calibration with
-        the model's loss on the whole validation set:
+        the model's loss on the whole validation set. One check's loss is noisy (SGD's own fluctuation:
+        +-25% around the trend on the demo stream), so the guard reads a smoothed loss and asks for a climb
+        beyond that noise:
 
-            climbed   val_loss > best (1 + GUARD_CLIMB)            best: the lowest since the last trip
-                                                                   (or since this validation set)
+            L        the median of the last GUARD_WINDOW checks' losses (so a climb must show in at least
+                     two of three checks: a robust filter, not a mean that one spike moves)
+            noise    the running mean of |loss_k - loss_{k-1}| between consecutive checks (NOISE_BETA)
+            climbed  L > best + max(GUARD_CLIMB best, GUARD_NOISE_Z noise)   best: the lowest L since the
+                                                                            last trip (or this set)
             concentrated   Kish's effective sample size of the live weights < GUARD_CONCENTRATED of them
-            both      T <- max(T / 2, GUARD_MIN_TEMPERATURE); the source estimates keep half their
-                      evidence (a wrong estimate is re-learnt, not reinforced); best <- val_loss (the next
-                      halving needs a further climb: a loss that rises for reasons the weights do not
-                      cause, such as overfitting, cannot drive T to its floor at one level)
-            otherwise, when val_loss is no higher than at the last check: T <- min(1, T GUARD_RECOVER)
+            both     T <- max(T / 2, GUARD_MIN_TEMPERATURE); the source estimates keep half their
+                     evidence (a wrong estimate is re-learnt, not reinforced); best <- L (the next halving
+                     needs a further climb: a loss that rises for reasons the weights do not cause, such
+                     as overfitting, cannot drive T to its floor at one level)
+            otherwise, when L is no higher than at the last check: T <- min(1, T GUARD_RECOVER)
 
-        The teacher's term is calibrated on the validation set itself and is not tempered."""
+        Before GUARD_WINDOW checks, L is the lowest of those there are. The teacher's term is calibrated
+        on the validation set itself and is not tempered. Kish (1965), Survey Sampling, for the ESS."""
         if not math.isfinite(val_loss):
             return
-        previous, self.last_val_loss = self.last_val_loss, val_loss
-        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if self.val_history:
+            change = abs(val_loss - self.val_history[-1])
+            first = len(self.val_history) == 1  # the first change: the running mean starts at it
+            self.val_noise = change if first else (1 - NOISE_BETA) * self.val_noise + NOISE_BETA * change
+        self.val_history = [*self.val_history, val_loss][-GUARD_WINDOW:]
+        ordered = sorted(self.val_history)
+        smoothed = ordered[len(ordered) // 2] if len(ordered) == GUARD_WINDOW else ordered[0]
+        previous, self.last_val_loss = self.last_val_loss, smoothed
+        self.best_val_loss = min(self.best_val_loss, smoothed)
         w = table.weight[table.alive].astype(np.float64)
         ess = float(w.sum() ** 2 / max(len(w) * float((w**2).sum()), EPS)) if len(w) else 1.0
-        climbed = val_loss > self.best_val_loss * (1 + GUARD_CLIMB)
+        margin = max(GUARD_CLIMB * self.best_val_loss, GUARD_NOISE_Z * self.val_noise)
+        climbed = smoothed > self.best_val_loss + margin
         if climbed and ess < GUARD_CONCENTRATED and self.temperature > GUARD_MIN_TEMPERATURE:
             self.temperature = max(GUARD_MIN_TEMPERATURE, self.temperature / 2)
             self.source_count *= 0.5
             self.guard_trips += 1
             log.warning(
-                "validation loss %.4f is %.0f%% above its best (%.4f) while the weights are concentrated "
-                "(effective sample size %.2f of the samples): softening the learned weights "
-                "(temperature %.3f)",
-                val_loss,
-                100 * (val_loss / self.best_val_loss - 1),
+                "validation loss %.4f (median of the last %d checks) is %.0f%% above its best (%.4f), beyond "
+                "its noise (%.4f), while the weights are concentrated (effective sample size %.2f of the "
+                "samples): softening the learned weights (temperature %.3f)",
+                smoothed,
+                len(self.val_history),
+                100 * (smoothed / self.best_val_loss - 1),
                 self.best_val_loss,
+                self.val_noise,
                 ess,
                 self.temperature,
             )
-            self.best_val_loss = val_loss
-        elif val_loss <= previous:
+            self.best_val_loss = smoothed
+        elif smoothed <= previous:
             self.temperature = min(1.0, self.temperature * GUARD_RECOVER)
 
     def teacher_logits(self, table: WeightTable) -> np.ndarray:
@@ -326,7 +348,7 @@ class Bilevel(Weighting):
             self.teacher_state = {}
         if version != self.guard_version:
             self.best_val_loss, self.temperature, self.guard_version = math.inf, 1.0, version
-            self.last_val_loss = math.inf
+            self.last_val_loss, self.val_history, self.val_noise = math.inf, [], 0.0
         if not task_changed:
             return
         n = table.n
@@ -351,6 +373,8 @@ class Bilevel(Weighting):
                 "last_val_loss": None if math.isinf(self.last_val_loss) else self.last_val_loss,
                 "trips": self.guard_trips,
                 "version": self.guard_version,
+                "history": list(self.val_history),
+                "noise": self.val_noise,
             },
         }
 
@@ -380,4 +404,6 @@ class Bilevel(Weighting):
         last = guard.get("last_val_loss")
         self.last_val_loss = math.inf if last is None else float(last)
         self.guard_trips = int(guard.get("trips", 0))
+        self.val_history = [float(x) for x in guard.get("history", [])][-GUARD_WINDOW:]
+        self.val_noise = float(guard.get("noise", 0.0))
         self.guard_version = guard.get("version")
