@@ -1,7 +1,8 @@
 """API keys with scopes (``DATADIET_API_KEYS="key1:ingest,key2:read+ingest,key3:admin"``).
 
-Scopes: ``ingest`` (post samples), ``read`` (weights, checkpoints, stats, metrics), ``admin`` (the
-validation set, sample look-ups, and everything else; admin holds every scope). With no keys configured
+Scopes: ``ingest`` (post samples), ``read`` (weights, checkpoints, stats, metrics, the quarantine list
+without sample contents), ``admin`` (the validation set, sample look-ups and contents, and everything
+else; admin holds every scope). With no keys configured
 (unset or empty) the API is open, and the CLI refuses to bind beyond 127.0.0.1; a spec that is set but
 holds no key is a start-up error.
 """
@@ -45,6 +46,16 @@ def parse_keys(spec: str | None) -> dict[str, frozenset[str]]:
             f"DATADIET_API_KEYS={spec!r} holds no key: give key:scope[+scope],... or unset it for no auth"
         )
     return keys
+
+
+def may(request: Request, scope: str) -> bool:
+    """Whether this request's key holds ``scope`` (or admin); True when auth is off. For a route that
+    any ``read`` key may call but whose answer holds more for some keys (sample contents, admin only)."""
+    keys: dict[str, frozenset[str]] = request.app.state.api_keys
+    if not keys:
+        return True
+    scopes = _scopes_of(request, keys)
+    return scope in scopes or "admin" in scopes
 
 
 def _scopes_of(request: Request, keys: dict[str, frozenset[str]]) -> frozenset[str]:

@@ -176,7 +176,9 @@ class QuarantinedSample(Open):
     reason: str
     step: int = Field(description="the trainer step it was quarantined at")
     quarantined_at: str = Field(description="ISO 8601, UTC")
-    sample: dict[str, Any] = Field(description="the sample as it was posted")
+    sample: dict[str, Any] | None = Field(
+        None, description="the sample as it was posted; only for admin keys (and with auth off)"
+    )
 
 
 class Quarantine(Open):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from app.auth import require
+from app.auth import may, require
 from app.deps import BufferDep
 from app.responses import Quarantine
 
@@ -21,10 +21,18 @@ router = APIRouter(prefix="/v1/quarantine", tags=["quarantine"], dependencies=[r
 @router.get("", response_model=Quarantine)
 async def list_quarantine(
     *,
+    request: Request,
     buffer: BufferDep,
     limit: int = Query(100, ge=1, le=1000, description="newest first, at most this many"),
 ) -> dict[str, Any]:
     """``{"count": n, "samples": [{"id", "source", "reason", "step", "quarantined_at", "sample"}]}``:
-    the total ever quarantined and the ``limit`` newest (the list keeps about the newest 10,000)."""
+    the total ever quarantined and the ``limit`` newest (the list keeps about the newest 10,000).
+
+    ``sample`` (what was posted) is there for keys that may read sample contents (``admin``, as for
+    ``GET /v1/samples/{id}``) and when auth is off; a ``read`` key sees the rest, not what agents sent."""
     stats = await buffer.stats()
-    return {"count": stats["buffer"]["quarantined"], "samples": await buffer.quarantined(limit)}
+    samples = await buffer.quarantined(limit)
+    if not may(request, "admin"):
+        for s in samples:
+            del s["sample"]
+    return {"count": stats["buffer"]["quarantined"], "samples": samples}

@@ -446,8 +446,14 @@
       idCell.title = s.id;
       const when = td(fmtTime(s.quarantined_at), "num");
       when.title = `step ${s.step}`;
-      tr.append(when, sourceCell(s.source), idCell, contentCell(s.reason),
-        contentCell(describe(s.sample && s.sample.input)), contentCell(describe(s.sample && s.sample.target)));
+      tr.append(when, sourceCell(s.source), idCell, contentCell(s.reason));
+      if (s.sample) {
+        tr.append(contentCell(describe(s.sample.input)), contentCell(describe(s.sample.target)));
+      } else { // the API sends what agents posted to admin keys only
+        const missing = contentCell("content needs a key with the admin scope", true);
+        missing.colSpan = 2;
+        tr.append(missing);
+      }
       return tr;
     });
   }

@@ -54,3 +54,31 @@ def test_malformed_key_spec_is_rejected_naming_the_entry() -> None:
     assert parse_keys("a:ingest+read, b:admin") == {"a": {"ingest", "read"}, "b": {"admin"}}
     with pytest.raises(ValueError, match="'b:write'"):
         parse_keys("a:read,b:write")
+
+
+def test_what_agents_sent_is_readable_by_admin_keys_only(api: TestClient, redis_client: Any) -> None:
+    """Sample contents (input, target) are data an agent posted: a ``read`` key (a dashboard, an agent
+    pulling checkpoints) sees ids, sources, weights and reasons, never the contents, on any endpoint that
+    lists samples; an admin key sees them."""
+    from store.feed import TrainerFeed
+    from store.keys import Keys
+
+    secret = {"id": "s1", "source": "a", "input": "secret-input-7", "target": "secret-target-9"}
+    assert api.post("/v1/samples", json={"samples": [secret]}, headers=auth("ops-key")).status_code == 202
+    feed = TrainerFeed(redis_client, Keys(), "test")
+    assert feed.lease.acquire(wait=False)
+    ordinal = int(redis_client.hget(Keys().ids, "s1"))
+    assert feed.quarantine([ordinal], ["a"], ["loss is not finite"], step=3) == 1
+    assert api.post("/v1/samples", json={"samples": [{**secret, "id": "s2"}]}, headers=auth("ops-key"))
+
+    reader = auth("reader-key")
+    for path in ("/v1/quarantine", "/v1/weights/samples?order=asc&limit=10", "/v1/weights/samples?ids=s1,s2"):
+        r = api.get(path, headers=reader)
+        assert r.status_code == 200 and "secret-" not in r.text, (path, r.text)
+    listed = api.get("/v1/quarantine", headers=reader).json()["samples"]
+    assert [(s["id"], s["reason"], s["sample"]) for s in listed] == [("s1", "loss is not finite", None)]
+    assert api.get("/v1/samples/s2", headers=reader).status_code == 403
+
+    admin = api.get("/v1/quarantine", headers=auth("ops-key")).json()["samples"]
+    assert admin[0]["sample"]["input"] == "secret-input-7"
+    assert api.get("/v1/samples/s2", headers=auth("ops-key")).json()["target"] == "secret-target-9"
