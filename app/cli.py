@@ -59,25 +59,25 @@ def _logging() -> None:
     setup_logging(Settings().log_format)
 
 
-def _settings() -> Settings:
-    """The settings, or exit with one line per invalid ``DATADIET_*`` variable."""
+def _settings(*, trainer: bool = False) -> Settings:
+    """The settings (with ``trainer``, the trainer's too: a command that starts one checks them before it
+    starts anything), or exit with one line per invalid ``DATADIET_*`` variable."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from app.auth import parse_keys
-    from store.config import Settings
+    from store.config import Settings, configuration_error
 
     try:
         settings = Settings()
+        if trainer:
+            from trainer.settings import TrainerSettings
+
+            TrainerSettings()
     except SettingsError as e:  # a value that is not even JSON where JSON is expected
         sys.exit(f"datadiet: invalid setting: {e}" + (f" ({e.__cause__})" if e.__cause__ else ""))
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
-            name = name.upper() if name.upper().startswith("DATADIET_") else f"DATADIET_{name.upper()}"
-            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
-        sys.exit("datadiet: invalid setting " + "; ".join(problems))
+        sys.exit(f"datadiet: {configuration_error(e) or e}")
     try:
         parse_keys(settings.api_keys)  # the API would refuse to start on it: say so before starting anything
     except ValueError as e:
@@ -88,7 +88,7 @@ def _settings() -> Settings:
 def cmd_up(args: argparse.Namespace) -> int:
     from app.supervise import Supervisor, run_forever
 
-    settings = _settings()
+    settings = _settings(trainer=True)
     _check_bind(args.host)
     _logging()
     return run_forever(Supervisor(settings, args.host, args.port))
@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo.run import run_demo
     from app.supervise import StartError, bind_listener, hold_lock
 
-    settings = _settings()
+    settings = _settings(trainer=True)
     _check_bind(args.host)
     settings.ensure_data_dir()
     lock_fd: int | None = None
@@ -164,6 +164,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _settings(trainer=True)  # an unusable setting is one line here, before torchrun or the trainer starts
     if args.nproc > 1:  # torchrun's ranks (trainer/distributed.py); this process becomes torchrun, so
         # signals reach it (it passes them on to the ranks) and its exit status is the command's
         from trainer.distributed import RanksError, check_settings
@@ -396,6 +397,10 @@ def _plain(e: BaseException, args: argparse.Namespace) -> list[str]:
         return [str(e)]
     if isinstance(e, OSError) and e.filename is not None:
         return [f"{e.filename}: {e.strerror or e}"]
+    from store.config import configuration_error
+
+    if (line := configuration_error(e)) is not None:
+        return [line]
     return [f"{type(e).__name__}: {e}", "(an unexpected error: --debug shows the traceback)"]
 
 

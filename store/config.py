@@ -17,6 +17,26 @@ VECTOR_MODEL_KINDS = frozenset({"mlp"})
 CHAT_MODEL_KINDS = frozenset({"hf-causal-lm"})  # text, and conversations rendered by a chat template
 
 
+def configuration_error(e: BaseException) -> str | None:
+    """A setting that cannot be used, said in one line as the variables that hold it:
+    ``invalid setting DATADIET_X='v': why; DATADIET_Y=...``. None for any other error (the caller says it
+    its own way). For pydantic's ValidationError of a ``*Settings`` class and ``BadRedisURL``."""
+    from pydantic import ValidationError
+
+    from store.redis_client import BadRedisURL
+
+    if isinstance(e, BadRedisURL):
+        return f"invalid setting {e}"
+    if isinstance(e, ValidationError) and e.title.endswith("Settings"):
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "?"  # a field, or an alias (DATADIET_...)
+            name = name if name.startswith("DATADIET_") else f"DATADIET_{name}"
+            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+        return "invalid setting " + "; ".join(problems)
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DATADIET_", env_file=".env", extra="ignore")
 

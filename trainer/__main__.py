@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from pydantic import ValidationError
 from redis.exceptions import RedisClusterException
 
 from app.logs import setup_logging
+from store.config import configuration_error
 from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
 from store.keys import Keys
@@ -40,7 +42,11 @@ EXIT_CONFIG = 78  # EX_CONFIG: the model cannot be built from its settings (a mi
 
 
 def main() -> int:
-    settings = TrainerSettings()
+    try:
+        settings = TrainerSettings()
+    except ValidationError as e:  # a DATADIET_* value that cannot be used: said as the variable, exit 78
+        print(configuration_error(e) or e, file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(settings.log_format)
     ranks = None
     if distributed.world_size() > 1:  # under torchrun: rank 0 runs the trainer, the others train shards

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from cli_run import datadiet_cli
 
+from store.processes import free_port
+
 WIDE = {"COLUMNS": "1000"}  # help on one line per option, so the text can be matched
 
 
@@ -62,3 +64,51 @@ def test_data_dir_sets_where_up_keeps_its_data(tmp_path: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in stderr
     assert (tmp_path / "elsewhere" / "up.lock").is_file()
     assert not (tmp_path / "datadiet-data").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (
+            ["serve"],
+            {"DATADIET_BUFFER_MAX_SAMPLES": "abc", "DATADIET_SEED": "x"},
+            ["BUFFER_MAX_SAMPLES", "SEED"],
+        ),
+        (["serve"], {"DATADIET_REDIS_URL": "foo://bar"}, ["REDIS_URL"]),
+        (["train"], {"DATADIET_TORCH_THREADS": "-3"}, ["TORCH_THREADS"]),
+        (["up"], {"DATADIET_LEASE_TTL_S": "soon"}, ["LEASE_TTL_S"]),
+    ],
+)
+def test_a_setting_that_cannot_be_used_is_named_as_its_variable_not_an_unexpected_error(
+    argv: list[str], env: dict[str, str], named: list[str], tmp_path: Path
+) -> None:
+    """Whatever the command and whichever setting: one line naming each bad variable (DATADIET_X='value':
+    why), no traceback, no 'unexpected error', and nothing started."""
+    port = [] if argv == ["train"] else ["--port", str(free_port())]
+    code, _, err, _ = datadiet_cli(*argv, *port, cwd=tmp_path, env=env)
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("datadiet: invalid setting DATADIET_")
+    for name in named:
+        assert re.search(rf"DATADIET_{name}\W", err), err
+    assert "unexpected" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "datadiet-data" / "redis").exists()  # failed before starting anything
+
+
+def test_the_trainer_alone_names_a_setting_that_cannot_be_used_and_exits_78(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cli_run import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "DATADIET_CHECKPOINT_EVERY": "often"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 78
+    assert (
+        out.stderr.startswith("invalid setting DATADIET_CHECKPOINT_EVERY='often': ")
+        and "Traceback" not in out.stderr
+    )
