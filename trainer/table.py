@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from store.keys import SHARD_BITS
 from trainer.sumtree import SumTree
 
 _FIELDS: dict[str, Any] = {
@@ -119,6 +120,9 @@ class WeightTable:
         self.evicted = 0  # rows dropped because their sample left the buffer
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
+        # per shard of a sharded buffer (ordinal >> SHARD_BITS): its newest ordinal added, -1 for none (each
+        # shard's ordinals only grow; across shards they interleave)
+        self._max_by_shard = np.full(1, -1, dtype=np.int64)
         self._sorted = True  # rows are in ordinal order (true unless a re-delivered entry came late)
         # per source index: the mean live weight at the last reweight (what a new sample of it starts at)
         self.source_weight = np.zeros(0, dtype=np.float32)
@@ -159,10 +163,42 @@ class WeightTable:
         """The newest ordinal ever added (-1 for none): stream ordinals only grow."""
         return self._max_ordinal
 
-    def unqueue_through(self, ordinal: int) -> None:
-        """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table)."""
+    def max_ordinals(self) -> np.ndarray:
+        """Per shard (index: shard), the newest ordinal ever added, -1 for none: (shards seen,) int64. One
+        entry for an unsharded buffer: ``max_ordinal``."""
+        return self._max_by_shard.copy()
+
+    def unqueue_through(self, ordinal: int | np.ndarray) -> None:
+        """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table); an
+        array is per shard (``max_ordinals``): a row of shard s is dropped at or before ``ordinal[s]``."""
         queued = self.unscored.array()
-        self.unscored = self.unscored.subset(self.cols["ordinal"][queued] > ordinal)
+        ords = self.cols["ordinal"][queued]
+        if np.ndim(ordinal) == 0:
+            self.unscored = self.unscored.subset(ords > int(ordinal))
+            return
+        through = np.asarray(ordinal, dtype=np.int64)
+        shard = ords >> SHARD_BITS
+        known = shard < len(through)
+        limit = np.full(len(ords), -1, dtype=np.int64)
+        limit[known] = through[shard[known]]
+        self.unscored = self.unscored.subset(ords > limit)
+
+    def _note_ordinals(self, ordinals: np.ndarray) -> None:
+        """Raise the per-shard newest ordinals (``max_ordinals``) by these."""
+        shard = ordinals >> SHARD_BITS
+        top = int(shard.max()) + 1
+        if top > len(self._max_by_shard):
+            self._max_by_shard = np.concatenate(
+                [self._max_by_shard, np.full(top - len(self._max_by_shard), -1, dtype=np.int64)]
+            )
+        np.maximum.at(self._max_by_shard, shard, ordinals)
+
+    def _maybe_seen(self, ordinals: np.ndarray) -> bool:
+        """Whether any of these ordinals may already be in the table: one is at or below its shard's
+        newest (new stream entries are above it)."""
+        shard = ordinals >> SHARD_BITS
+        known = shard < len(self._max_by_shard)
+        return bool(np.any(ordinals[known] <= self._max_by_shard[shard[known]]))
 
     def new_cohort(self) -> None:
         """Samples added from now on form a new cohort of their source (the validation set changed)."""
@@ -190,8 +226,8 @@ class WeightTable:
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if not len(ordinals):
             return np.empty(0, dtype=np.int64)
-        # new stream entries have ordinals above every row's: skip the O(n) membership test for them
-        seen = self.n > 0 and int(ordinals.min()) <= self._max_ordinal
+        # new stream entries have ordinals above every row's of their shard: skip the O(n) membership test
+        seen = self.n > 0 and self._maybe_seen(ordinals)
         keep = ~np.isin(ordinals, self.ordinal) if seen else np.ones(len(ordinals), bool)
         keep &= _first_occurrence(ordinals)
         if not keep.any():
@@ -221,6 +257,7 @@ class WeightTable:
         self.n += len(rows)
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
+        self._note_ordinals(ordinals)
         self.tree.update(rows, mass)
         self.unscored.extend(rows, arrived)
         return rows
@@ -354,6 +391,8 @@ class WeightTable:
         t.cols["published"][:n] = np.nan
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1
+        if n:
+            t._note_ordinals(np.asarray(t.ordinal, dtype=np.int64))
         t._sorted = bool(np.all(np.diff(t.ordinal) > 0))
         cohorts = info.get("cohorts") or [0] * len(info["sources"])
         for s, c in zip(info["sources"], cohorts, strict=True):
