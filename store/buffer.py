@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,6 @@ class SampleBuffer:
         self.shard_keys = keys.all_shards()
         self.validation_max = validation_max
         self._ingest = client.register_script(scripts.INGEST)
-        self._undo = client.register_script(scripts.INGEST_UNDO)
         self._validation = client.register_script(scripts.VALIDATION)
         self._weights_of = client.register_script(scripts.WEIGHTS_OF)
         self._doc: tuple[bytes, float] | None = None  # (the weights document, monotonic time it was read)
@@ -114,23 +114,35 @@ class SampleBuffer:
         for i, rec in enumerate(records):
             by_shard.setdefault(self.k.shard_of(rec.id), []).append(i)
         shards = list(by_shard)
-        results = await asyncio.gather(
-            *(self._ingest_shard(self.shard_keys[s], [records[i] for i in by_shard[s]]) for s in shards),
-            return_exceptions=True,
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        tasks = [
+            asyncio.ensure_future(self._ingest_shard(self.shard_keys[s], [records[i] for i in by_shard[s]]))
+            for s in shards
+        ]
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            # the request was cancelled (its client went away): the calls in flight still finish, and
+            # those that stored anything are undone, so the request leaves nothing
+            await asyncio.shield(self._undo_settled(shards, tasks))
+            raise
+        failed = [t.exception() for t in tasks if t.exception() is not None]
         if failed:
-            done = [(s, r) for s, r in zip(shards, results, strict=True) if not isinstance(r, BaseException)]
-            await self._undo_calls(done)
-            raise failed[0]
+            await self._undo_settled(shards, tasks)
+            raise failed[0]  # type: ignore[misc]  # an exception, not None
         accepted = duplicates = evicted = 0
         flags = [False] * len(records)
-        for s, reply in zip(shards, results, strict=True):
-            assert not isinstance(reply, BaseException)
+        for s, task in zip(shards, tasks, strict=True):
+            reply = task.result()
             accepted, duplicates, evicted = accepted + reply[0], duplicates + reply[1], evicted + reply[2]
             for i, f in zip(by_shard[s], reply[4:], strict=True):
                 flags[i] = bool(f)
         return IngestResult(accepted, duplicates, evicted, flags)
+
+    async def _undo_settled(self, shards: list[int], tasks: Sequence[asyncio.Future[list[int]]]) -> None:
+        """Wait for every shard's INGEST call, then undo those that succeeded."""
+        await asyncio.wait(tasks)
+        done = [(s, t.result()) for s, t in zip(shards, tasks, strict=True) if not t.exception()]
+        await self._undo_calls(done)
 
     async def _undo_calls(self, done: list[tuple[int, list[int]]]) -> None:
         """Undo the INGEST calls that succeeded on these shards (shard, its reply); a failing undo is
@@ -141,7 +153,9 @@ class SampleBuffer:
             sk = self.shard_keys[s]
             keys = [sk.ids, sk.samples, sk.priority, sk.counters, sk.evictions]
             args = [stream_maxlen(self.shard_capacity), out[3], out[0], out[1]]
-            return int(await self._undo(keys=keys, args=args))
+            # EVAL, not EVALSHA: an undo is rare, and on a cluster a script not yet cached would be loaded
+            # with SCRIPT LOAD on every master, the one whose failure is being undone included
+            return int(await self.r.eval(scripts.INGEST_UNDO, len(keys), *keys, *args))
 
         todo = [(s, out) for s, out in done if out[0] or out[1]]
         results = await asyncio.gather(*(undo(s, out) for s, out in todo), return_exceptions=True)
