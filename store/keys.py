@@ -41,15 +41,16 @@ stay unique int64s without a global counter. Everything else (validation set, we
 channel, trainer status, lease, fence, downloads, checkpoint version) stays under ``{p}``. With S = 1
 (the default) there is no ``{p:s}`` key at all: the layout above, byte for byte.
 
-The prefix ``p`` defaults to ``dd``. All keys of one deployment share the hash tag ``{p}`` so that a Redis
-Cluster (``DATADIET_REDIS_URL=redis+cluster://host:port``, store/redis_client.py) keeps them in one slot:
-Redis refuses a script or MULTI whose keys are in different slots (CROSSSLOT), and the buffer's invariants
-are such scripts (store/scripts.py): INGEST does dedup (ids), insert (samples, seq), the trainer's stream
-entry (ingest) and eviction down to capacity (rank, counters, evictions) atomically; the trainer's writes
-check the lease in the same script; ``weights:published`` is passed as a key to the script that publishes
-on it, so it too must share the tag. The price: one deployment's buffer is one master's memory and one
-master's thread, whatever the cluster's size (docs/scaling.md, "Redis Cluster", with measurements and the
-design, not built, for sharding a buffer over several tags).
+The prefix ``p`` defaults to ``dd``. With one shard all keys of a deployment share the hash tag ``{p}`` so
+a Redis Cluster (``DATADIET_REDIS_URL=redis+cluster://host:port``, store/redis_client.py) keeps them in
+one slot: Redis refuses a script or MULTI whose keys are in different slots (CROSSSLOT), and the buffer's
+invariants are such scripts (store/scripts.py): INGEST does dedup (ids), insert (samples, seq), the
+trainer's stream entry (ingest) and eviction down to capacity (rank, counters, evictions) atomically; the
+trainer's writes check the lease in the same script; ``weights:published`` is passed as a key to the
+script that publishes on it, so it too must share the tag. The price: one deployment's buffer is one
+master's memory and one master's thread, whatever the cluster's size; sharding (above) spreads it over S
+slots, each shard's invariants kept by the same scripts on its own keys, the trainer's shard writes fenced
+by ``fence_seen`` (docs/scaling.md, "Redis Cluster", with measurements).
 """
 
 from __future__ import annotations

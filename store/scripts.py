@@ -1,6 +1,7 @@
 """Lua scripts for the buffer's multi-key invariants, each registered once per client.
 
-Every script touches only keys of one deployment (one hash tag), so it runs unchanged on Redis Cluster.
+Every script touches only keys of one hash tag (the deployment's ``{p}``, or one shard's ``{p:s}`` for a
+sharded buffer: store/keys.py), so it runs unchanged on Redis Cluster.
 """
 
 from __future__ import annotations
