@@ -24,7 +24,7 @@ import orjson
 import redis
 
 from store import scripts
-from store.keys import TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys, shard_of_ordinal
+from store.keys import SHARD_BITS, TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys
 from store.lease import TrainerLease
 from store.redis_client import SyncClient
 
@@ -76,12 +76,11 @@ class TrainerFeed:
         self._next_block = 0  # sharded on a cluster: the shard whose stream the next blocking read waits on
         self._cluster = hasattr(client, "get_node_from_key")  # redis-py's (sync) cluster client
 
-    def by_shard(self, ordinals: Sequence[int]) -> dict[int, list[int]]:
-        """Positions of ``ordinals`` grouped by their shard."""
-        out: dict[int, list[int]] = {}
-        for i, o in enumerate(ordinals):
-            out.setdefault(shard_of_ordinal(o), []).append(i)
-        return out
+    @staticmethod
+    def by_shard(ordinals: np.ndarray) -> dict[int, np.ndarray]:
+        """Positions in ``ordinals`` (int64) grouped by their shard (``ordinal >> SHARD_BITS``)."""
+        shard = ordinals >> SHARD_BITS
+        return {int(s): np.flatnonzero(shard == s) for s in np.unique(shard)}
 
     def ensure_group(self) -> None:
         """Create the consumer group at the stream's start (every shard's), so samples accepted earlier
@@ -193,14 +192,14 @@ class TrainerFeed:
         if not self.k.sharded:
             raw = self.r.hmget(self.k.samples, [int(o) for o in ordinals])
             return [orjson.loads(p) if p is not None else None for p in raw]
-        ords = [int(o) for o in ordinals]
+        ords = np.asarray(ordinals, dtype=np.int64)
         groups = self.by_shard(ords)
         pipe = self.r.pipeline(transaction=False)
         for s, idx in groups.items():
-            pipe.hmget(self.shard_keys[s].samples, [ords[i] for i in idx])
+            pipe.hmget(self.shard_keys[s].samples, ords[idx].tolist())
         out: list[dict[str, Any] | None] = [None] * len(ords)
         for idx, raw in zip(groups.values(), pipe.execute(), strict=True):
-            for i, p in zip(idx, raw, strict=True):
+            for i, p in zip(idx.tolist(), raw, strict=True):
                 out[i] = orjson.loads(p) if p is not None else None
         return out
 
@@ -256,15 +255,14 @@ class TrainerFeed:
                 scores = self.r.zmscore(self.k.priority, [int(o) for o in ordinals[i : i + chunk]])
                 out.extend(sc is not None for sc in scores)
             return out
-        ords = [int(o) for o in ordinals]
-        live = [False] * len(ords)
+        ords = np.asarray(ordinals, dtype=np.int64)
+        live = np.zeros(len(ords), dtype=np.bool_)
         for s, idx in self.by_shard(ords).items():
             for i in range(0, len(idx), chunk):
                 part = idx[i : i + chunk]
-                scores = self.r.zmscore(self.shard_keys[s].priority, [ords[j] for j in part])
-                for j, sc in zip(part, scores, strict=True):
-                    live[j] = sc is not None
-        return live
+                scores = self.r.zmscore(self.shard_keys[s].priority, ords[part].tolist())
+                live[part] = [sc is not None for sc in scores]
+        return live.tolist()
 
     def publish_weights(
         self,
@@ -277,15 +275,20 @@ class TrainerFeed:
         under the lease.
 
         ZADD XX never re-adds a sample that the API evicted meanwhile. Weights are capped below
-        UNWEIGHTED_PRIORITY.
+        UNWEIGHTED_PRIORITY. Sharded: each shard's weights into its own zset, fenced by the shard's token
+        (``TrainerLease.fenced_shard``), then the document under the lease.
         """
         cap = UNWEIGHTED_PRIORITY / 2
-        all_scores = np.minimum(np.asarray(weights, dtype=np.float64), cap).tolist()
-        all_members = np.asarray(ordinals, dtype=np.int64).tolist()
-        groups = self.by_shard(all_members) if self.k.sharded else {0: range(len(all_members))}
-        for s, idx in groups.items():
-            members, scores = [all_members[j] for j in idx], [all_scores[j] for j in idx]
-            sk = self.shard_keys[s]
+        all_scores = np.minimum(np.asarray(weights, dtype=np.float64), cap)
+        all_members = np.asarray(ordinals, dtype=np.int64)
+        if self.k.sharded:  # each shard's members into its own zset
+            parts = [
+                (self.shard_keys[s], all_members[idx].tolist(), all_scores[idx].tolist())
+                for s, idx in self.by_shard(all_members).items()
+            ]
+        else:
+            parts = [(self.k, all_members.tolist(), all_scores.tolist())]
+        for sk, members, scores in parts:
             for i in range(0, len(members), chunk):
                 args: list[Any] = [None] * (2 * len(members[i : i + chunk]))
                 args[0::2], args[1::2] = scores[i : i + chunk], members[i : i + chunk]  # score, member pairs
@@ -319,7 +322,10 @@ class TrainerFeed:
         """Move samples the trainer cannot use out of the buffer into the quarantine stream (with their
         reasons), under the lease; returns how many were still stored (and are now counted)."""
         ords = [int(o) for o in ordinals]
-        groups = self.by_shard(ords) if self.k.sharded else {0: list(range(len(ords)))}
+        if self.k.sharded:
+            groups = {s: idx.tolist() for s, idx in self.by_shard(np.asarray(ords, dtype=np.int64)).items()}
+        else:
+            groups = {0: list(range(len(ords)))}
         n = 0
         for s, idx in groups.items():
             args: list[Any] = [QUARANTINE_MAXLEN, int(step)]

@@ -203,3 +203,24 @@ def test_a_stale_trainer_cannot_write_a_shards_priority_zset(
     assert scores == {0.5}
     successor.publish_weights({"step": 3}, ordinals, [2.0] * 20)
     assert {redis_client.zscore(KEYS.for_shard(shard_of_ordinal(o)).priority, o) for o in ordinals} == {2.0}
+
+
+def test_quarantine_moves_samples_out_of_their_shards_and_the_api_lists_them_newest_first(
+    on_buffer: Callable[..., Any], redis_client: redis.Redis
+) -> None:
+    on_buffer(lambda b: b.ingest([record(i) for i in range(40)]))
+    feed = TrainerFeed(redis_client, KEYS)
+    bad = [f"s{i}" for i in (1, 2, 4, 5, 6)]  # shards 0, 2, 3 and 1 (test_shard_of_is_crc32...)
+    ordinals = [int(redis_client.hget(KEYS.for_shard(shard_of(i, SHARDS)).ids, i)) for i in bad]
+
+    assert feed.quarantine(ordinals, ["agent-a"] * 5, ["loss is not finite (nan)"] * 5, step=3) == 5
+
+    assert all(on_buffer(lambda b, i=i: b.get(i)) is None for i in bad)
+    listed = on_buffer(lambda b: b.quarantined(10))
+    assert sorted(q["id"] for q in listed) == sorted(bad) and listed[0]["step"] == 3
+    assert [q["quarantined_at"] for q in listed] == sorted(
+        (q["quarantined_at"] for q in listed), reverse=True
+    )
+    stats = on_buffer(lambda b: b.stats())["buffer"]
+    assert (stats["size"], stats["quarantined"]) == (35, 5)
+    assert on_buffer(lambda b: b.quarantined(2))[0] == listed[0]
