@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 
 from store.keys import TRAINER_GROUP, Keys, shard_of_ordinal
 from store.processes import stop_process_group
-from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
+from tests.trainer.conftest import MLP, blobs, published_checkpoints, start_trainer, wait_for
 from tests.trainer.test_resume import _final, _post_stream
+from trainer.loop import EXIT_LEASE_LOST
 from trainer.state import load_state
 
 SHARDS = 4
@@ -112,3 +113,35 @@ def test_a_sharded_run_stopped_and_resumed_ends_bit_for_bit_like_one_run(
     assert whole.info["checked_ordinal"] == split.info["checked_ordinal"]
     assert isinstance(whole.info["checked_ordinal"], list) and len(whole.info["checked_ordinal"]) == 4
     assert int(split.table_arrays["visits"].sum()) > 0
+
+
+def test_a_trainer_paused_past_its_lease_cannot_publish_into_a_sharded_buffer(
+    redis_url: str, tmp_path: Path, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
+) -> None:
+    """test_faults' fencing test on a 4-shard buffer: A hangs (SIGSTOP) past its lease, B takes over (and
+    claims every shard with its token); A, woken, stops with the lease-lost status and its weights never
+    reach a shard."""
+    data_dir = tmp_path / "data"
+    api = make_client(make_settings(model="mlp", model_params=MLP, buffer_shards=SHARDS))
+    api.post("/v1/samples", json={"samples": blobs(400, 1, source="a", noisy=False, prefix="a")})
+    api.put("/v1/validation", json={"samples": blobs(32, 2, source="v", noisy=False, prefix="v")})
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    shards = str(SHARDS)
+    a = start_trainer(redis_url, data_dir, log_a, lease_ttl_s="2", buffer_shards=shards)
+    b = None
+    try:
+        wait_for(lambda: published_checkpoints(api), 120, "A's first checkpoint", log_a)
+        os.killpg(a.pid, signal.SIGSTOP)
+        b = start_trainer(redis_url, data_dir, log_b, lease_ttl_s="2", buffer_shards=shards)
+        wait_for(lambda: "published checkpoint" in log_b.read_text(), 120, "B to take over", log_b)
+        r = redis.Redis.from_url(redis_url)
+        assert [int(r.get(sk.fence_seen)) for sk in KEYS.all_shards()] == [2] * SHARDS
+        os.killpg(a.pid, signal.SIGCONT)
+        assert a.wait(timeout=60) == EXIT_LEASE_LOST, log_a.read_text()
+        assert "another trainer" in log_a.read_text() or "has written to this shard" in log_a.read_text()
+        assert b.poll() is None
+        assert [int(r.get(sk.fence_seen)) for sk in KEYS.all_shards()] == [2] * SHARDS
+    finally:
+        stop_process_group(a)
+        if b is not None:
+            stop_process_group(b)
