@@ -97,7 +97,8 @@ class SampleBuffer:
         for rec in records:
             args += (rec.id, rec.source, rec.group, rec.payload)
         keys = [sk.ids, sk.samples, sk.seq, sk.ingest, sk.priority, sk.counters, sk.evictions]
-        return [int(x) for x in await self._ingest(keys=keys, args=args)]
+        out: list[int] = await self._ingest(keys=keys, args=args)  # integer replies: ints already
+        return out
 
     async def ingest(self, records: list[SampleRecord]) -> IngestResult:
         """Store a request's samples, all or nothing (dedup by id, eviction down to capacity).
