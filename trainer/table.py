@@ -124,6 +124,8 @@ class WeightTable:
         # shard's ordinals only grow; across shards they interleave)
         self._max_by_shard = np.full(1, -1, dtype=np.int64)
         self._sorted = True  # rows are in ordinal order (true unless a re-delivered entry came late)
+        # while not ``_sorted``: (rows covered, their ordinals sorted, those rows in that order), for rows_of
+        self._index: tuple[int, np.ndarray, np.ndarray] | None = None
         # per source index: the mean live weight at the last reweight (what a new sample of it starts at)
         self.source_weight = np.zeros(0, dtype=np.float32)
         self.scored_per_source = np.zeros(0, dtype=np.int64)  # per source index: samples scored at least once
@@ -282,7 +284,18 @@ class WeightTable:
         if self._sorted:
             idx = np.minimum(np.searchsorted(o, ordinals), len(o) - 1)
             return idx[o[idx] == ordinals].astype(np.int64)
-        return np.flatnonzero(np.isin(o, ordinals))
+        # rows out of ordinal order (a sharded buffer's streams interleave): a binary search in a sorted
+        # copy of the first ``covered`` rows, a scan of the rows added since; the copy is made again once
+        # those are over an eighth of it (O(log n) per added row, amortised) or the rows are renumbered
+        index = self._index
+        if index is None or len(o) - index[0] > max(1024, index[0] // 8):
+            order = np.argsort(o, kind="stable")
+            index = self._index = (len(o), o[order], order)
+        covered, sorted_o, order = index
+        pos = np.minimum(np.searchsorted(sorted_o, ordinals), covered - 1)
+        found = order[pos[sorted_o[pos] == ordinals]]
+        added = np.flatnonzero(np.isin(o[covered:], ordinals)) + covered
+        return np.unique(np.concatenate([found, added])).astype(np.int64)
 
     def kill(self, rows: np.ndarray, *, evicted: bool = True) -> None:
         """Mark rows dead: their samples were evicted from the buffer (counted in ``evicted``), or
@@ -309,6 +322,7 @@ class WeightTable:
                 [col[: self.n][alive], np.zeros(len(col) - int(alive.sum()), col.dtype)]
             )
         self.n = int(alive.sum())
+        self._index = None  # rows renumbered
         self.tree = SumTree(len(self.cols["alive"]))
         kept = remap[self.unscored.array()]
         self.unscored = RowQueue(kept[kept >= 0], self.unscored.arrivals()[kept >= 0])
