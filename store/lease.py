@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from store import scripts
 from store.keys import Keys
@@ -96,18 +97,19 @@ class TrainerLease:
     def _claim_shards(self) -> None:
         """Raise every shard's fencing token to this holder's (a sharded buffer): from now on a predecessor
         that wakes up is refused on every shard, not only on those this trainer has written to since.
-        Raises LeaseLost if a shard has seen a newer token; Redis errors propagate (a shard that missed
-        its claim is claimed by this trainer's first write to it)."""
+        Raises LeaseLost if a shard has seen a newer token. A shard that cannot be reached is logged and
+        left: this trainer's first write to it claims it (the lease is held; failing here would leave this
+        trainer waiting for its own lease to expire)."""
         if not self.k.sharded:
             return
         for sk in self.k.all_shards():
             try:
                 self._claim(keys=[sk.fence_seen], args=[self.token])
-            except redis.ResponseError as e:
-                if not str(e).startswith("NOLEASE"):
-                    raise
-                self.value = None
-                raise LeaseLost(f"shard {sk.shard}: {str(e).removeprefix('NOLEASE').strip()}") from None
+            except (redis.RedisError, RedisClusterException, OSError) as e:
+                if isinstance(e, redis.ResponseError) and str(e).startswith("NOLEASE"):
+                    self.value = None
+                    raise LeaseLost(f"shard {sk.shard}: {str(e).removeprefix('NOLEASE').strip()}") from None
+                log.warning("could not claim shard %d with fencing token %d (%s)", sk.shard, self.token, e)
 
     def acquire(self, *, wait: bool, poll_s: float = 1.0, stop: Callable[[], bool] = lambda: False) -> bool:
         """Take the lease; with ``wait``, poll until it is free (logging once) or ``stop()`` is true.

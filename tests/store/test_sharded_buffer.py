@@ -224,3 +224,15 @@ def test_quarantine_moves_samples_out_of_their_shards_and_the_api_lists_them_new
     stats = on_buffer(lambda b: b.stats())["buffer"]
     assert (stats["size"], stats["quarantined"]) == (35, 5)
     assert on_buffer(lambda b: b.quarantined(2))[0] == listed[0]
+
+
+def test_a_shard_that_cannot_be_claimed_does_not_stop_a_trainer_from_taking_the_lease(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.hset(KEYS.for_shard(2).fence_seen, "not", "a string")  # shard 2's claim fails (WRONGTYPE)
+    feed = TrainerFeed(redis_client, KEYS)
+
+    assert feed.lease.acquire(wait=False)
+
+    assert "could not claim shard 2" in caplog.text
+    assert [redis_client.get(KEYS.for_shard(s).fence_seen) for s in (0, 1, 3)] == [b"1"] * 3
