@@ -42,7 +42,6 @@ from app.schema import InputSpec
 from store.buffer import SampleBuffer
 from store.config import Settings
 from store.embedded import resolve_redis_url
-from store.keys import Keys
 from store.meta import check_schema, make_engine, migrate
 from store.redis_client import announcements_client, async_client
 
@@ -87,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.checkpoint_rows = {}  # version -> its row, read once (app/routes/checkpoints.py)
             app.state.buffer = SampleBuffer(
                 client,
-                Keys(settings.redis_prefix),
+                settings.keys,
                 settings.buffer_max_samples,
                 settings.validation_max_samples,
             )

@@ -1,19 +1,22 @@
-"""Ingestion into one Redis server against a 3-master Redis Cluster (``redis+cluster://``).
+"""Ingestion into one Redis server against a 3-master Redis Cluster (``redis+cluster://``), the buffer on
+one slot and sharded over three (``DATADIET_BUFFER_SHARDS=3``).
 
     python bench/cluster_ingest.py                  # 3 rounds of 20,000 samples (~1 KB each) per row
     python bench/cluster_ingest.py --quick          # 1 round of 5,000: a smoke run
 
-Both are Redis 7 (store.redis_cluster.redis7_binaries), without persistence, on this machine. Every key of
-a deployment shares one hash tag, so on the cluster the whole buffer is one slot on one master: the other
-masters hold nothing. Per round, on an emptied buffer:
+All are Redis 7 (store.redis_cluster.redis7_binaries), without persistence, on this machine. With one shard
+every key of a deployment shares one hash tag, so on the cluster the whole buffer is one slot on one master:
+the other masters hold nothing. The sharded row uses a prefix whose three shard tags hash to slots of three
+different masters (``{<prefix>:0}`` ... ``{<prefix>:2}``). Per round, on an emptied buffer:
 
     store       SampleBuffer.ingest (the INGEST Lua script) from one asyncio client, batches of 500: the
                 Redis side and redis-py's, no HTTP
     HTTP        POST /v1/samples through the API under uvicorn (one worker), one client, batches of 500
                 (bench/ingest.py's client and samples)
 
-and the master's own cost from INFO commandstats (``usec_per_call`` of EVALSHA over a 500-sample batch):
-microseconds of the master's one thread per sample, and the rate that thread alone would allow.
+and the masters' own cost from INFO commandstats (``usec`` of EVALSHA, summed over the masters, per sample
+stored), the busiest master's share of it and the rate that master's one thread alone would allow, and the
+CPU each master used during the store phase (INFO cpu, user + sys seconds / the phase's seconds: cores).
 
 Prints a markdown table and writes it to ``bench/results/cluster_ingest.md``.
 """
@@ -44,17 +47,17 @@ from store.buffer import SampleBuffer  # noqa: E402
 from store.keys import Keys  # noqa: E402
 from store.processes import free_port, redis_server_argv, stop_process_group, wait_for_redis  # noqa: E402
 from store.redis_client import async_client, sync_client  # noqa: E402
-from store.redis_cluster import redis7_binaries, start_redis_cluster  # noqa: E402
+from store.redis_cluster import LocalCluster, redis7_binaries, start_redis_cluster  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "cluster_ingest.md"
 
 
-async def time_store(url: str, samples: list[dict[str, object]]) -> float:
+async def time_store(url: str, samples: list[dict[str, object]], keys: Keys) -> float:
     """Seconds to ingest ``samples`` through SampleBuffer.ingest, ``BATCH`` per call, one client."""
     records = [to_record(s) for s in samples]
     client = async_client(url)
     try:
-        buffer = SampleBuffer(client, Keys(), 10_000_000, 1000)
+        buffer = SampleBuffer(client, keys, 10_000_000, 1000)
         await buffer.ingest(records[:1])  # connect (and, on a cluster, read the slot map) untimed
         start = time.perf_counter()
         accepted = 1
@@ -68,11 +71,25 @@ async def time_store(url: str, samples: list[dict[str, object]]) -> float:
     return elapsed
 
 
-def master_us_per_sample(master: redis.Redis) -> float:
-    """Microseconds the master spent per sample in EVALSHA calls since the last CONFIG RESETSTAT."""
-    stats = master.info("commandstats")
-    evalsha = stats.get("cmdstat_evalsha", {})
-    return float(evalsha.get("usec_per_call", 0.0)) / BATCH
+def evalsha_us(master: redis.Redis) -> float:
+    """Microseconds the master spent in EVALSHA calls since the last CONFIG RESETSTAT."""
+    return float(master.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0.0))
+
+
+def cpu_s(master: redis.Redis) -> float:
+    """CPU seconds (user + sys, main thread and the rest) the server has used since it started."""
+    info = master.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def spread_prefix(cluster: LocalCluster, shards: int) -> str:
+    """A prefix whose ``shards`` shard tags hash to slots of as many different masters."""
+    for i in range(1000):
+        prefix = f"bench{i}" if i else "bench"
+        owners = {cluster.owner(sk.ids).port for sk in Keys(prefix, shards).all_shards()}
+        if len(owners) == min(shards, len(cluster.nodes)):
+            return prefix
+    raise RuntimeError("no prefix spreads the shards over the masters")
 
 
 def main() -> None:
@@ -89,7 +106,8 @@ def main() -> None:
     if found is None:
         sys.exit("bench/cluster_ingest.py needs redis-server 7 or newer (apt install redis-server)")
     load = os.getloadavg()[0]
-    rows: list[tuple[str, list[float], list[float], list[float]]] = []
+    # name, store s, HTTP s, (total us/sample, busiest master's us/sample), CPU cores per master per round
+    rows: list[tuple[str, list[float], list[float], list[tuple[float, float]], list[list[float]]]] = []
     with tempfile.TemporaryDirectory(prefix="datadiet-cluster-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         (work / "single").mkdir()
@@ -102,51 +120,78 @@ def main() -> None:
         cluster = start_redis_cluster(work / "cluster", 3, persistent=False)
         stack.callback(cluster.stop)
         master = cluster.owner(Keys().ids)
+        masters = [master] + [n for n in cluster.nodes if n is not master]  # the single slot's master first
+        prefix = spread_prefix(cluster, 3)
         targets = [
-            ("one server (redis://)", single_url, redis.Redis(port=port)),
-            ("3-master cluster (redis+cluster://)", cluster.url(), master.client()),
+            ("one server (redis://)", single_url, Keys(), [redis.Redis(port=port)]),
+            ("3-master cluster, 1 slot", cluster.url(), Keys(), [n.client() for n in masters]),
+            (
+                f"3-master cluster, 3 shards ({prefix})",
+                cluster.url(),
+                Keys(prefix, 3),
+                [n.client() for n in masters],
+            ),
         ]
-        for name, url, node in targets:
-            (work / name.split()[0]).mkdir()
-            api = start_api(name.split()[0], url, work / name.split()[0], stack)
+        for i, (name, url, keys, nodes) in enumerate(targets):
+            (work / f"row{i}").mkdir()
+            api = start_api(
+                f"row{i}",
+                url,
+                work / f"row{i}",
+                stack,
+                redis_prefix=keys.prefix,
+                buffer_shards=str(keys.shards),
+            )
             admin = stack.enter_context(sync_client(url))
             store_s: list[float] = []
             http_s: list[float] = []
-            us: list[float] = []
+            us: list[tuple[float, float]] = []
+            cpu: list[list[float]] = []
             for rnd in range(args.rounds):
                 admin.flushall()
-                node.config_resetstat()
-                store_s.append(asyncio.run(time_store(url, make_samples(f"s{rnd}", args.samples))))
-                us.append(master_us_per_sample(node))
+                for node in nodes:
+                    node.config_resetstat()
+                before = [cpu_s(node) for node in nodes]
+                store_s.append(asyncio.run(time_store(url, make_samples(f"s{rnd}", args.samples), keys)))
+                cpu.append([(cpu_s(node) - b) / store_s[-1] for node, b in zip(nodes, before, strict=True)])
+                per_node = [evalsha_us(node) / args.samples for node in nodes]
+                us.append((sum(per_node), max(per_node)))
                 admin.flushall()
                 http_s.append(time_http(api, make_samples(f"h{rnd}", args.samples), 1))
                 print(
                     f"{name} round {rnd + 1}: store {args.samples / store_s[-1]:,.0f}/s, "
-                    f"HTTP {args.samples / http_s[-1]:,.0f}/s, master {us[-1]:.1f} us/sample",
+                    f"HTTP {args.samples / http_s[-1]:,.0f}/s, masters {us[-1][0]:.1f} us/sample "
+                    f"(busiest {us[-1][1]:.1f}), CPU {' / '.join(f'{c:.2f}' for c in cpu[-1])}",
                     file=sys.stderr,
                 )
-            rows.append((name, store_s, http_s, us))
+            rows.append((name, store_s, http_s, us, cpu))
 
     size = len(orjson.dumps(make_samples("x", 1)[0]))
     lines = [
-        "# Ingestion: one Redis server against a Redis Cluster",
+        "# Ingestion: one Redis server against a Redis Cluster, one slot and sharded",
         "",
-        "| buffer | store samples/s (median) | HTTP samples/s (median) | master us/sample | one master's "
-        "thread alone: samples/s |",
-        "|---|---:|---:|---:|---:|",
+        "| buffer | store samples/s (median) | HTTP samples/s (median) | masters' us/sample (all) | busiest "
+        "master's us/sample | busiest master's thread alone: samples/s | CPU per master in the store phase "
+        "(cores) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, store_s, http_s, us in rows:
-        per = statistics.median(us)
+    for name, store_s, http_s, us, cpu in rows:
+        total = statistics.median(u[0] for u in us)
+        busiest = statistics.median(u[1] for u in us)
+        cores = [statistics.median(c[j] for c in cpu) for j in range(len(cpu[0]))]
         lines.append(
             f"| {name} | {args.samples / statistics.median(store_s):,.0f} "
-            f"| {args.samples / statistics.median(http_s):,.0f} | {per:.1f} | {1e6 / per:,.0f} |"
+            f"| {args.samples / statistics.median(http_s):,.0f} | {total:.1f} | {busiest:.1f} "
+            f"| {1e6 / busiest:,.0f} | {' / '.join(f'{c:.2f}' for c in cores)} |"
         )
     lines += [
         "",
         f"{args.rounds} round(s) of {args.samples:,} samples of {size} bytes as JSON, batches of {BATCH}, on "
-        "an emptied buffer; Redis 7 without persistence. store: SampleBuffer.ingest from one asyncio client; "
-        "HTTP: one client, the API under uvicorn with one worker. master us/sample: EVALSHA usec_per_call "
-        "(INFO commandstats) / batch, on the master holding the buffer's slot.",
+        "an emptied buffer; Redis 7 without persistence. store: SampleBuffer.ingest from one asyncio client "
+        "(sharded: a batch's samples grouped by shard, one INGEST call per shard, concurrently); HTTP: one "
+        "client, the API under uvicorn with one worker. us/sample: EVALSHA usec (INFO commandstats) per "
+        "sample stored, summed over the masters and the busiest master's; CPU: each master's user + sys "
+        "seconds over the store phase's seconds, the one-slot master first.",
         f"Client, API and every redis-server share one machine: {os.cpu_count()} CPUs, load average "
         f"{load:.1f} at the start. `python bench/cluster_ingest.py"
         f"{' --quick' if args.quick else ''}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",

@@ -2,7 +2,9 @@
 
 Layout and key names: ``store.keys``. Ingestion is one Lua script per request (``store.scripts.INGEST``):
 dedup by id, insert, stream entry for the trainer and eviction down to capacity happen atomically, so a
-request is all-or-nothing and concurrent clients count exactly. The trainer's side (consumer group,
+request is all-or-nothing and concurrent clients count exactly. A sharded buffer (``DATADIET_BUFFER_SHARDS``
+> 1) runs that script once per shard a request touches, and undoes the shards that succeeded when another
+fails (``SampleBuffer.ingest``). The trainer's side (consumer group,
 payload fetches, publishing weights) is ``store.feed``.
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from store import scripts
-from store.keys import UNWEIGHTED_PRIORITY, Keys
+from store.keys import UNWEIGHTED_PRIORITY, Keys, shard_of_ordinal
 from store.redis_client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -66,10 +69,19 @@ def weight_from_priority(score: float | None) -> float | None:
 
 
 class SampleBuffer:
+    """The API's view of one deployment's buffer (``keys``: its prefix and shard count).
+
+    With one shard every operation is one script or pipeline on the ``{p}`` slot. With S > 1 shards
+    (``store.keys``) a request's samples are grouped by shard, one INGEST call per shard, concurrently;
+    reads of several samples are grouped the same way and their answers merged; counters are summed."""
+
     def __init__(self, client: AsyncClient, keys: Keys, capacity: int, validation_max: int) -> None:
         self.r: Any = client  # redis-py's stubs type replies too loosely to be useful here
         self.k = keys
         self.capacity = capacity
+        # each shard evicts down to its share: the global lowest-first order holds in expectation only
+        self.shard_capacity = -(-capacity // keys.shards)
+        self.shard_keys = keys.all_shards()
         self.validation_max = validation_max
         self._ingest = client.register_script(scripts.INGEST)
         self._validation = client.register_script(scripts.VALIDATION)
@@ -78,23 +90,96 @@ class SampleBuffer:
         self._generation = 0  # bumped each time the cached document is dropped
         self._following = False  # subscribed to the trainer's announcements (follow_publications)
 
-    async def ingest(self, records: list[SampleRecord]) -> IngestResult:
-        args: list[Any] = [self.capacity, UNWEIGHTED_PRIORITY, stream_maxlen(self.capacity)]
+    async def _ingest_shard(self, sk: Keys, records: list[SampleRecord]) -> list[int]:
+        """One INGEST call on shard ``sk``: [accepted, duplicates, evicted, first ordinal, flags...]."""
+        cap = self.shard_capacity
+        args: list[Any] = [cap, UNWEIGHTED_PRIORITY, stream_maxlen(cap), sk.ordinal_base]
         for rec in records:
             args += (rec.id, rec.source, rec.group, rec.payload)
-        k = self.k
-        keys = [k.ids, k.samples, k.seq, k.ingest, k.priority, k.counters, k.evictions]
-        out = await self._ingest(keys=keys, args=args)
-        return IngestResult(int(out[0]), int(out[1]), int(out[2]), [bool(f) for f in out[3:]])
+        keys = [sk.ids, sk.samples, sk.seq, sk.ingest, sk.priority, sk.counters, sk.evictions]
+        out: list[int] = await self._ingest(keys=keys, args=args)  # integer replies: ints already
+        return out
+
+    async def ingest(self, records: list[SampleRecord]) -> IngestResult:
+        """Store a request's samples, all or nothing (dedup by id, eviction down to capacity).
+
+        Sharded: one INGEST call per shard the request touches, concurrently. If one fails (its error is
+        raised, as a single call's would be) the calls that succeeded are undone (``scripts.INGEST_UNDO``:
+        their samples removed and listed as evicted, the counters put back). What stays is the window
+        docs/scaling.md describes: an undo that itself fails, or a call whose outcome is unknown (a
+        timeout after Redis ran it)."""
+        if not self.k.sharded:
+            out = await self._ingest_shard(self.k, records)
+            return IngestResult(out[0], out[1], out[2], [bool(f) for f in out[4:]])
+        by_shard: dict[int, list[int]] = {}
+        for i, rec in enumerate(records):
+            by_shard.setdefault(self.k.shard_of(rec.id), []).append(i)
+        shards = list(by_shard)
+        tasks = [
+            asyncio.ensure_future(self._ingest_shard(self.shard_keys[s], [records[i] for i in by_shard[s]]))
+            for s in shards
+        ]
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            # the request was cancelled (its client went away): the calls in flight still finish, and
+            # those that stored anything are undone, so the request leaves nothing
+            await asyncio.shield(self._undo_settled(shards, tasks))
+            raise
+        failed = [t.exception() for t in tasks if t.exception() is not None]
+        if failed:
+            await self._undo_settled(shards, tasks)
+            raise failed[0]  # type: ignore[misc]  # an exception, not None
+        accepted = duplicates = evicted = 0
+        flags = [False] * len(records)
+        for s, task in zip(shards, tasks, strict=True):
+            reply = task.result()
+            accepted, duplicates, evicted = accepted + reply[0], duplicates + reply[1], evicted + reply[2]
+            for i, f in zip(by_shard[s], reply[4:], strict=True):
+                flags[i] = bool(f)
+        return IngestResult(accepted, duplicates, evicted, flags)
+
+    async def _undo_settled(self, shards: list[int], tasks: Sequence[asyncio.Future[list[int]]]) -> None:
+        """Wait for every shard's INGEST call, then undo those that succeeded."""
+        await asyncio.wait(tasks)
+        done = [(s, t.result()) for s, t in zip(shards, tasks, strict=True) if not t.exception()]
+        await self._undo_calls(done)
+
+    async def _undo_calls(self, done: list[tuple[int, list[int]]]) -> None:
+        """Undo the INGEST calls that succeeded on these shards (shard, its reply); a failing undo is
+        logged (the samples it could not remove stay stored: a retry of the request finds them as
+        duplicates)."""
+
+        async def undo(s: int, out: list[int]) -> int:
+            sk = self.shard_keys[s]
+            keys = [sk.ids, sk.samples, sk.priority, sk.counters, sk.evictions]
+            args = [stream_maxlen(self.shard_capacity), out[3], out[0], out[1]]
+            # EVAL, not EVALSHA: an undo is rare, and on a cluster a script not yet cached would be loaded
+            # with SCRIPT LOAD on every master, the one whose failure is being undone included
+            return int(await self.r.eval(scripts.INGEST_UNDO, len(keys), *keys, *args))
+
+        todo = [(s, out) for s, out in done if out[0] or out[1]]
+        results = await asyncio.gather(*(undo(s, out) for s, out in todo), return_exceptions=True)
+        for (s, out), r in zip(todo, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error(
+                    "ingest failed on another shard, and undoing shard %d's part failed too (%s): its %d "
+                    "samples from ordinal %d stay stored",
+                    s,
+                    r,
+                    out[0],
+                    out[3],
+                )
 
     async def get(self, sample_id: str) -> dict[str, Any] | None:
         """One stored sample with its current weight, or None."""
-        ordinal = await self.r.hget(self.k.ids, sample_id)
+        sk = self.shard_keys[self.k.shard_of(sample_id)]
+        ordinal = await self.r.hget(sk.ids, sample_id)
         if ordinal is None:
             return None
         pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.k.samples, ordinal)
-        pipe.zscore(self.k.priority, ordinal)
+        pipe.hget(sk.samples, ordinal)
+        pipe.zscore(sk.priority, ordinal)
         payload, score = await pipe.execute()
         if payload is None:  # evicted between the two reads
             return None
@@ -108,33 +193,78 @@ class SampleBuffer:
         ``"id":weight,...``, for the stored ids; unknown ids are absent, a repeated id appears once).
 
         The caller checks the ids first: 1-128 characters of ``[A-Za-z0-9._:-]`` each (none needs escaping
-        in JSON); empty items between commas are skipped."""
-        keys = [self.k.ids, self.k.priority, self.k.trainer]
-        step, members = await self._weights_of(keys=keys, args=[ids, UNWEIGHTED_PRIORITY])
-        return int(step or 0), bytes(members)
+        in JSON); empty items between commas are skipped.
+
+        Sharded: the ids are grouped by shard, one WEIGHTS_OF call per shard (concurrently) and the members
+        joined; the step is read first, from the trainer's status, so the weights returned were published
+        at that step or later (one shard's call cannot read the status: another slot)."""
+        if not self.k.sharded:
+            keys = [self.k.ids, self.k.priority, self.k.trainer]
+            step, members = await self._weights_of(keys=keys, args=[ids, UNWEIGHTED_PRIORITY])
+            return int(step or 0), bytes(members)
+        by_shard: dict[int, list[str]] = {}
+        for i in ids.split(","):
+            if i:
+                by_shard.setdefault(self.k.shard_of(i), []).append(i)
+        step = await self.weights_step()
+        replies = await asyncio.gather(
+            *(
+                self._weights_of(
+                    keys=[self.shard_keys[s].ids, self.shard_keys[s].priority],
+                    args=[",".join(group), UNWEIGHTED_PRIORITY],
+                )
+                for s, group in by_shard.items()
+            )
+        )
+        return step, b",".join(bytes(members) for _, members in replies if members)
 
     async def weights_step(self) -> int:
         """The step of the trainer's last published weights (0 before the first)."""
         return int(await self.r.hget(self.k.trainer, "weights_step") or 0)
 
-    async def ranked(self, order: str, limit: int) -> list[dict[str, Any]]:
-        """The ``limit`` lowest (asc) or highest (desc) weighted samples: id, source, weight."""
+    async def _ranked_pairs(
+        self, sk: Keys, order: str, limit: int, *, fill: bool
+    ) -> list[tuple[bytes, float]]:
+        """(ordinal, priority score) of shard ``sk``'s ``limit`` lowest / highest weighted samples, then
+        never-weighted ones (oldest first) up to ``limit`` in all; ``fill``: always fetch those too."""
         if order == "asc":
             pairs = await self.r.zrangebyscore(
-                self.k.priority, "-inf", f"({UNWEIGHTED_PRIORITY}", 0, limit, withscores=True
+                sk.priority, "-inf", f"({UNWEIGHTED_PRIORITY}", 0, limit, withscores=True
             )
         else:
             pairs = await self.r.zrevrangebyscore(
-                self.k.priority, f"({UNWEIGHTED_PRIORITY}", "-inf", 0, limit, withscores=True
+                sk.priority, f"({UNWEIGHTED_PRIORITY}", "-inf", 0, limit, withscores=True
             )
-        if len(pairs) < limit:  # not enough weighted samples yet: fill with never-weighted ones (weight 1)
+        if fill or len(pairs) < limit:  # not enough weighted samples yet: never-weighted ones (weight 1)
             more = await self.r.zrangebyscore(
-                self.k.priority, UNWEIGHTED_PRIORITY, "+inf", 0, limit - len(pairs), withscores=True
+                sk.priority,
+                UNWEIGHTED_PRIORITY,
+                "+inf",
+                0,
+                limit - (0 if fill else len(pairs)),
+                withscores=True,
             )
             pairs = [*pairs, *more]
+        return list(pairs)
+
+    async def ranked(self, order: str, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` lowest (asc) or highest (desc) weighted samples: id, source, weight. Sharded: each
+        shard's ``limit`` merged (weighted ones by weight, then never-weighted ones by ordinal)."""
+        if not self.k.sharded:
+            pairs = await self._ranked_pairs(self.k, order, limit, fill=False)
+        else:
+            per_shard = await asyncio.gather(
+                *(self._ranked_pairs(sk, order, limit, fill=True) for sk in self.shard_keys)
+            )
+            every = [p for shard in per_shard for p in shard]
+            weighted = sorted((p for p in every if p[1] < UNWEIGHTED_PRIORITY), key=lambda p: p[1])
+            if order != "asc":
+                weighted.reverse()
+            fresh = sorted((p for p in every if p[1] >= UNWEIGHTED_PRIORITY), key=lambda p: p[1])
+            pairs = [*weighted, *fresh][:limit]
         if not pairs:
             return []
-        payloads = await self.r.hmget(self.k.samples, [o for o, _ in pairs])
+        payloads = await self._payloads([o for o, _ in pairs])
         out = []
         for (_, score), payload in zip(pairs, payloads, strict=True):
             if payload is None:
@@ -142,6 +272,30 @@ class SampleBuffer:
             doc = orjson.loads(payload)
             out.append({"id": doc["id"], "source": doc.get("source"), "weight": weight_from_priority(score)})
         return out
+
+    async def _payloads(self, ordinals: list[bytes]) -> list[bytes | None]:
+        """Stored payloads by ordinal, in order (None where gone), one HMGET per shard."""
+        if not self.k.sharded:
+            return list(await self.r.hmget(self.k.samples, ordinals))
+        by_shard: dict[int, list[int]] = {}
+        for i, o in enumerate(ordinals):
+            by_shard.setdefault(shard_of_ordinal(int(o)), []).append(i)
+        out: list[bytes | None] = [None] * len(ordinals)
+        replies = await asyncio.gather(
+            *(
+                self.r.hmget(self.shard_keys[s].samples, [ordinals[i] for i in idx])
+                for s, idx in by_shard.items()
+            )
+        )
+        for idx, got in zip(by_shard.values(), replies, strict=True):
+            for i, p in zip(idx, got, strict=True):
+                out[i] = p
+        return out
+
+    async def ready(self) -> None:
+        """A keyed read on every shard (not PING: on a Redis Cluster it asks the master of each buffer
+        slot). Raises Redis errors."""
+        await asyncio.gather(*(self.r.exists(sk.seq) for sk in self.shard_keys))
 
     async def set_validation(self, payloads: list[bytes], *, append: bool) -> tuple[int, int]:
         """Replace (or append to) the validation set; returns (count, version)."""
@@ -162,11 +316,16 @@ class SampleBuffer:
 
     async def stats(self) -> dict[str, Any]:
         pipe = self.r.pipeline(transaction=False)
-        pipe.hlen(self.k.samples)
-        pipe.hgetall(self.k.counters)
+        for sk in self.shard_keys:
+            pipe.hlen(sk.samples)
+            pipe.hgetall(sk.counters)
         pipe.hgetall(self.k.trainer)
-        size, counters, trainer = await pipe.execute()
-        c = {k.decode(): int(v) for k, v in counters.items()}
+        *per_shard, trainer = await pipe.execute()
+        size = sum(int(n) for n in per_shard[0::2])
+        c: dict[str, int] = {}
+        for counters in per_shard[1::2]:  # summed over the shards
+            for k, v in counters.items():
+                c[k.decode()] = c.get(k.decode(), 0) + int(v)
         t = {k.decode(): v.decode() for k, v in trainer.items()}
         count, version = await self.validation_info()
         return {
@@ -191,12 +350,18 @@ class SampleBuffer:
 
     async def quarantined(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` newest quarantined samples, newest first: id, source, reason, the trainer step and
-        time (ISO 8601, UTC) it was quarantined at, and the sample as it was posted."""
+        time (ISO 8601, UTC) it was quarantined at, and the sample as it was posted. Sharded: each shard's
+        quarantine stream's ``limit`` newest, merged by entry id (time)."""
         from datetime import UTC, datetime
 
-        entries = await self.r.xrevrange(self.k.quarantine, count=limit)
+        per_shard = await asyncio.gather(
+            *(self.r.xrevrange(sk.quarantine, count=limit) for sk in self.shard_keys)
+        )
+        entries = [e for shard in per_shard for e in shard]
+        if len(per_shard) > 1:
+            entries.sort(key=lambda e: tuple(int(x) for x in e[0].decode().split("-")), reverse=True)
         out = []
-        for entry_id, fields in entries:
+        for entry_id, fields in entries[:limit]:
             f = {k.decode(): v for k, v in fields.items()}
             ms = int(entry_id.decode().split("-", 1)[0])
             out.append(

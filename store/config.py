@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.keys import Keys
+
 TEXT_MODEL_KINDS = frozenset({"tiny-gpt"})
 VECTOR_MODEL_KINDS = frozenset({"mlp"})
 CHAT_MODEL_KINDS = frozenset({"hf-causal-lm"})  # text, and conversations rendered by a chat template
@@ -71,6 +73,15 @@ class Settings(BaseSettings):
     buffer_max_samples: int = Field(
         1_000_000, ge=1, description="samples the buffer holds; past it the lowest-weighted are evicted"
     )
+    buffer_shards: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="hash tags ({prefix:0} ...) one buffer is split over, by a hash of the sample id, so a "
+        "Redis Cluster spreads it over several masters; each shard evicts down to ceil(capacity / shards). "
+        "1: every key under {prefix} (docs/scaling.md). Changing it needs an empty buffer: the API and the "
+        "trainer must agree",
+    )
     validation_max_samples: int = Field(100_000, ge=1, description="samples the validation set may hold")
 
     max_steps: int = Field(
@@ -121,6 +132,11 @@ class Settings(BaseSettings):
 
             return json.loads(v) if v.strip() else {}
         return v
+
+    @property
+    def keys(self) -> Keys:
+        """This deployment's Redis key names (``redis_prefix``, ``buffer_shards``)."""
+        return Keys(self.redis_prefix, self.buffer_shards)
 
     @property
     def resolved_database_url(self) -> str:

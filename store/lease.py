@@ -6,7 +6,9 @@ stop) or expires (the holder died or hung), then takes it with a larger fencing 
 goes through a Lua script that first checks the caller still holds the lease (``store.scripts``,
 ``FENCED_*``), so a holder that was paused past its TTL and wakes up cannot publish over its successor:
 the fencing-token scheme of M. Kleppmann, "How to do distributed locking" (2016), with Redis itself as the
-store that checks the token.
+store that checks the token. A shard of a sharded buffer lives on another slot than the lease, so its
+writes check the token instead: each shard keeps the highest token that wrote to it and refuses a lower
+one (``fenced_shard``); a new holder raises every shard's to its own as it takes the lease.
 
 A holder known to be dead (same host, its pid gone: a SIGKILLed trainer being restarted) is taken over at
 once instead of after the TTL. A lease that vanished with Redis's data (a restart without persistence) is
@@ -24,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from store import scripts
 from store.keys import Keys
@@ -68,6 +71,7 @@ class TrainerLease:
         self._acquire = self.r.register_script(scripts.LEASE_ACQUIRE)
         self._renew = self.r.register_script(scripts.LEASE_RENEW)
         self._release = self.r.register_script(scripts.LEASE_RELEASE)
+        self._claim = self.r.register_script(scripts.FENCE_SHARD_CLAIM)
 
     def try_acquire(self) -> str | None:
         """Take the lease if it is free; None on success, else the current holder's value.
@@ -87,7 +91,25 @@ class TrainerLease:
         if dead:
             log.warning("took over the trainer lease from a dead trainer (%s)", dead)
         self.token, self.value, self.renewed_at = token, value, time.monotonic()
+        self._claim_shards()
         return None
+
+    def _claim_shards(self) -> None:
+        """Raise every shard's fencing token to this holder's (a sharded buffer): from now on a predecessor
+        that wakes up is refused on every shard, not only on those this trainer has written to since.
+        Raises LeaseLost if a shard has seen a newer token. A shard that cannot be reached is logged and
+        left: this trainer's first write to it claims it (the lease is held; failing here would leave this
+        trainer waiting for its own lease to expire)."""
+        if not self.k.sharded:
+            return
+        for sk in self.k.all_shards():
+            try:
+                self._claim(keys=[sk.fence_seen], args=[self.token])
+            except (redis.RedisError, RedisClusterException, OSError) as e:
+                if isinstance(e, redis.ResponseError) and str(e).startswith("NOLEASE"):
+                    self.value = None
+                    raise LeaseLost(f"shard {sk.shard}: {str(e).removeprefix('NOLEASE').strip()}") from None
+                log.warning("could not claim shard %d with fencing token %d (%s)", sk.shard, self.token, e)
 
     def acquire(self, *, wait: bool, poll_s: float = 1.0, stop: Callable[[], bool] = lambda: False) -> bool:
         """Take the lease; with ``wait``, poll until it is free (logging once) or ``stop()`` is true.
@@ -170,3 +192,18 @@ class TrainerLease:
                 if holder:
                     raise LeaseLost(f"another trainer holds the lease ({holder})") from None
         raise AssertionError("unreachable")
+
+    def fenced_shard(self, script: Any, shard: Keys, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a ``FENCED_SHARD_*`` script (its KEYS[1] the shard's ``fence_seen``, its ARGV[1] the fencing
+        token) on one shard of a sharded buffer, with this holder's token: refused once a newer token has
+        written to (or claimed) that shard. Takes the lease first when this process does not hold it.
+        Raises LeaseLost."""
+        if self.value is None:
+            self.renew()
+        try:
+            return script(keys=[shard.fence_seen, *keys], args=[self.token, *args])
+        except redis.ResponseError as e:
+            if not str(e).startswith("NOLEASE"):
+                raise
+            self.value = None
+            raise LeaseLost(f"shard {shard.shard}: {str(e).removeprefix('NOLEASE').strip()}") from None

@@ -1,6 +1,7 @@
 """Lua scripts for the buffer's multi-key invariants, each registered once per client.
 
-Every script touches only keys of one deployment (one hash tag), so it runs unchanged on Redis Cluster.
+Every script touches only keys of one hash tag (the deployment's ``{p}``, or one shard's ``{p:s}`` for a
+sharded buffer: store/keys.py), so it runs unchanged on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ INGEST = """
 -- Insert a batch of samples atomically, skipping ids already present, then evict down to capacity.
 -- KEYS[1] = ids hash     KEYS[2] = samples hash   KEYS[3] = seq         KEYS[4] = ingest stream
 -- KEYS[5] = eviction priority zset   KEYS[6] = counters hash   KEYS[7] = evictions stream
--- ARGV[1] = capacity (max live samples)   ARGV[2] = UNWEIGHTED_PRIORITY
--- ARGV[3] = stream MAXLEN (approximate)
--- ARGV[4 + 4k .. 7 + 4k] = id, source, content group, payload of sample k
--- returns {accepted, duplicates, evicted, flag_1, ..., flag_n} (flag 1 = accepted, 0 = duplicate)
+-- ARGV[1] = capacity (max live samples of this shard)   ARGV[2] = UNWEIGHTED_PRIORITY
+-- ARGV[3] = stream MAXLEN (approximate)   ARGV[4] = ordinal base: shard << SHARD_BITS (0 unsharded)
+-- ARGV[5 + 4k .. 8 + 4k] = id, source, content group, payload of sample k
+-- returns {accepted, duplicates, evicted, first ordinal (0 if none accepted), flag_1, ..., flag_n}
+-- (flag 1 = accepted, 0 = duplicate); the accepted samples got ordinals first .. first + accepted - 1
 local cap = tonumber(ARGV[1])
 local fresh = tonumber(ARGV[2])
-local out = {0, 0, 0}
+local base = tonumber(ARGV[4])
+local out = {0, 0, 0, 0}
 -- pass 1: which samples are new (not stored, not earlier in this batch)
 local new, seen = {}, {}
-for b = 4, #ARGV, 4 do
+for b = 5, #ARGV, 4 do
   local id = ARGV[b]
   if seen[id] or redis.call('HEXISTS', KEYS[1], id) == 1 then
     out[#out + 1] = 0
@@ -29,18 +32,21 @@ for b = 4, #ARGV, 4 do
   end
 end
 local accepted = #new
-local dups = (#ARGV - 3) / 4 - accepted
+local dups = (#ARGV - 4) / 4 - accepted
 -- pass 2: ordinals from one INCRBY, then variadic writes in chunks (fewer calls per sample)
 if accepted > 0 then
-  local first = redis.call('INCRBY', KEYS[3], accepted) - accepted + 1
+  local first = base + redis.call('INCRBY', KEYS[3], accepted) - accepted + 1
+  out[4] = first
   local CHUNK = 256
   for c = 1, accepted, CHUNK do
     local ids, samples, ranks = {}, {}, {}
     for j = c, math.min(c + CHUNK - 1, accepted) do
-      local b, o = new[j], first + j - 1
+      -- the ordinal as an integer string: Lua 5.1 would print a number above 1e14 in exponent form
+      local b, n = new[j], first + j - 1
+      local o = string.format('%.0f', n)
       ids[#ids + 1] = ARGV[b]; ids[#ids + 1] = o
       samples[#samples + 1] = o; samples[#samples + 1] = ARGV[b + 3]
-      ranks[#ranks + 1] = fresh + o; ranks[#ranks + 1] = o
+      ranks[#ranks + 1] = fresh + n; ranks[#ranks + 1] = o
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'o', o, 's', ARGV[b + 1], 'g', ARGV[b + 2])
     end
     redis.call('HSET', KEYS[1], unpack(ids))
@@ -79,6 +85,37 @@ out[1], out[2], out[3] = accepted, dups, evicted
 return out
 """
 
+INGEST_UNDO = """
+-- Undo one shard's INGEST of a request that failed on another shard (store.buffer, sharded buffers): remove
+-- the samples that call inserted and are still stored, list them in the evictions stream (a trainer that
+-- already read them drops them, as it drops evicted samples) and take the call off the counters.
+-- KEYS[1] = ids hash   KEYS[2] = samples hash   KEYS[3] = eviction priority zset   KEYS[4] = counters hash
+-- KEYS[5] = evictions stream
+-- ARGV[1] = stream MAXLEN (approximate)   ARGV[2] = first ordinal the call inserted   ARGV[3] = how many
+-- ARGV[4] = the call's duplicates
+-- returns how many samples were removed (the rest had left the buffer meanwhile: evicted, quarantined)
+local first, n = tonumber(ARGV[2]), tonumber(ARGV[3])
+local gone = {}
+for j = 0, n - 1 do
+  local o = string.format('%.0f', first + j)
+  local payload = redis.call('HGET', KEYS[2], o)
+  if payload then
+    local id = string.match(payload, '^{"id":"([^"]*)"')
+    redis.call('HDEL', KEYS[2], o)
+    redis.call('ZREM', KEYS[3], o)
+    if id and redis.call('HGET', KEYS[1], id) == o then redis.call('HDEL', KEYS[1], id) end
+    gone[#gone + 1] = o
+  end
+end
+if #gone > 0 then
+  local e = redis.call('HINCRBY', KEYS[4], 'eviction_entries', 1)
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[1], '*', 'n', e, 'o', table.concat(gone, ','))
+  redis.call('HINCRBY', KEYS[4], 'ingested', -#gone)
+end
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[4], 'duplicates', -tonumber(ARGV[4])) end
+return #gone
+"""
+
 VALIDATION = """
 -- Replace or append to the validation set and bump its version, atomically.
 -- KEYS[1] = validation list   KEYS[2] = validation version
@@ -98,7 +135,8 @@ return {redis.call('LLEN', KEYS[1]), version}
 
 WEIGHTS_OF = """
 -- Current weights of sample ids, with the step they were published at, in one round trip, as JSON.
--- KEYS[1] = ids hash   KEYS[2] = rank zset   KEYS[3] = trainer status hash
+-- KEYS[1] = ids hash   KEYS[2] = rank zset   KEYS[3] = trainer status hash (absent for a shard of a
+-- sharded buffer: the status is on another slot, and the step is read apart, store.buffer.weights_of)
 -- ARGV[1] = comma-separated sample ids, each already checked to be 1-128 characters of [A-Za-z0-9._:-]
 --           (so no id needs escaping in JSON)   ARGV[2] = UNWEIGHTED_PRIORITY
 -- returns {weights step or false, the members of a JSON object: "id":weight,... for the stored ids}
@@ -128,7 +166,9 @@ for c = 1, #ids, CHUNK do
     end
   end
 end
-return {redis.call('HGET', KEYS[3], 'weights_step'), table.concat(parts, ',')}
+local step = false
+if KEYS[3] then step = redis.call('HGET', KEYS[3], 'weights_step') end
+return {step, table.concat(parts, ',')}
 """
 
 # --- the trainer's lease (one writer at a time) and the writes it fences --------------------------------
@@ -142,6 +182,31 @@ _FENCE_CHECK = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= ARGV[1] then return redis.error_reply('NOLEASE ' .. (holder or '')) end
 """
+
+# A shard of a sharded buffer is on another slot than the lease, so a script writing a shard cannot read
+# the lease (CROSSSLOT). It checks the caller's fencing token against the highest token that has written
+# to that shard instead, and raises it: the storage-side check of Kleppmann (2016). A trainer raises every
+# shard's token when it takes the lease (store.lease), so a predecessor that wakes up after that is refused
+# on every shard, with the same "NOLEASE ..." error as the lease check.
+_SHARD_FENCE_CHECK = """
+local seen = tonumber(redis.call('GET', KEYS[1]) or '0')
+local token = tonumber(ARGV[1])
+if token < seen then
+  return redis.error_reply('NOLEASE fencing token ' .. seen .. ' has written to this shard since')
+end
+if token > seen then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+FENCE_SHARD_CLAIM = (
+    """
+-- Raise a shard's fencing token to the caller's (a trainer that took the lease claims every shard).
+-- KEYS[1] = the shard's fence_seen   ARGV[1] = the caller's fencing token
+"""
+    + _SHARD_FENCE_CHECK
+    + """
+return 1
+"""
+)
 
 LEASE_ACQUIRE = """
 -- Take the trainer lease if it is free (or held by ARGV[4], a holder known to be dead).
@@ -178,6 +243,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_RANKS = """
+local CHUNK = 1000  -- pairs per ZADD: unpack() has a stack limit
+for i = 2, #ARGV, 2 * CHUNK do
+  redis.call('ZADD', KEYS[2], 'XX', unpack(ARGV, i, math.min(i + 2 * CHUNK - 1, #ARGV)))
+end
+return 1
+"""
+
 FENCED_RANKS = (
     """
 -- Publish per-sample weights into the rank zset (existing members only: ZADD XX never re-adds a sample
@@ -185,13 +258,17 @@ FENCED_RANKS = (
 -- KEYS[1] = lease   KEYS[2] = rank zset   ARGV[1] = lease value   ARGV[2..] = score, member pairs
 """
     + _FENCE_CHECK
-    + """
-local CHUNK = 1000  -- pairs per ZADD: unpack() has a stack limit
-for i = 2, #ARGV, 2 * CHUNK do
-  redis.call('ZADD', KEYS[2], 'XX', unpack(ARGV, i, math.min(i + 2 * CHUNK - 1, #ARGV)))
-end
-return 1
+    + _RANKS
+)
+
+FENCED_SHARD_RANKS = (
+    """
+-- FENCED_RANKS for one shard of a sharded buffer, fenced by the shard's token.
+-- KEYS[1] = the shard's fence_seen   KEYS[2] = its rank zset   ARGV[1] = fencing token
+-- ARGV[2..] = score, member pairs
 """
+    + _SHARD_FENCE_CHECK
+    + _RANKS
 )
 
 FENCED_STATUS = (
@@ -231,18 +308,7 @@ return v
 """
 )
 
-FENCED_QUARANTINE = (
-    """
--- Quarantine samples the trainer cannot use: each leaves the buffer (payload, rank, id) and is listed,
--- with its reason, in the capped quarantine stream; counters.quarantined counts those still stored.
--- KEYS[1] = lease   KEYS[2] = samples hash   KEYS[3] = rank zset   KEYS[4] = ids hash
--- KEYS[5] = quarantine stream   KEYS[6] = counters hash
--- ARGV[1] = lease value   ARGV[2] = stream MAXLEN (approximate)   ARGV[3] = trainer step
--- ARGV[4 + 3k .. 6 + 3k] = ordinal, source, reason of sample k
--- returns how many were quarantined (a sample already evicted is not)
-"""
-    + _FENCE_CHECK
-    + """
+_QUARANTINE = """
 local n = 0
 for b = 4, #ARGV, 3 do
   local o = ARGV[b]
@@ -260,4 +326,26 @@ end
 if n > 0 then redis.call('HINCRBY', KEYS[6], 'quarantined', n) end
 return n
 """
+
+FENCED_QUARANTINE = (
+    """
+-- Quarantine samples the trainer cannot use: each leaves the buffer (payload, rank, id) and is listed,
+-- with its reason, in the capped quarantine stream; counters.quarantined counts those still stored.
+-- KEYS[1] = lease   KEYS[2] = samples hash   KEYS[3] = rank zset   KEYS[4] = ids hash
+-- KEYS[5] = quarantine stream   KEYS[6] = counters hash
+-- ARGV[1] = lease value   ARGV[2] = stream MAXLEN (approximate)   ARGV[3] = trainer step
+-- ARGV[4 + 3k .. 6 + 3k] = ordinal, source, reason of sample k
+-- returns how many were quarantined (a sample already evicted is not)
+"""
+    + _FENCE_CHECK
+    + _QUARANTINE
+)
+
+FENCED_SHARD_QUARANTINE = (
+    """
+-- FENCED_QUARANTINE for one shard of a sharded buffer (its own quarantine stream), fenced by the shard's
+-- token: KEYS[1] = the shard's fence_seen, ARGV[1] = fencing token, the other keys and arguments as there.
+"""
+    + _SHARD_FENCE_CHECK
+    + _QUARANTINE
 )

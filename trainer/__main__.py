@@ -27,7 +27,6 @@ from app.logs import setup_logging
 from store.config import configuration_error
 from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
-from store.keys import Keys
 from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
 from store.redis_client import UNAVAILABLE_ERRORS, BadRedisURL, sync_client
 from trainer import distributed
@@ -79,7 +78,7 @@ def main() -> int:
             lambda: sync_client(url, socket_timeout=10, socket_connect_timeout=5)
         )
         assert client is not None  # wait_for returns only once it succeeded (nothing stops it here)
-        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
+        feed = TrainerFeed(client, settings.keys, settings.consumer, settings.lease_ttl_s)
         try:
             trainer = Trainer(settings, feed, engine, learner=distributed.learner_for(ranks))
         except (ModelNotFound, ImportError, ValueError) as e:  # DATADIET_MODEL / DATADIET_MODEL_CONFIG

@@ -67,8 +67,11 @@ class Intake:
     def __init__(self, feed: TrainerFeed, settings: TrainerSettings, redis_dep: Dependency) -> None:
         self.feed, self.settings = feed, settings
         self.cache = PayloadCache(feed, settings.payload_cache, redis_dep)
-        self.unacked: list[str] = []  # entry ids in the table but not yet in a saved checkpoint
-        self.evictions_at = ("0-0", 0)  # the evictions stream read up to here (id, entry number)
+        shards = feed.k.shards
+        # per shard (entry ids are per stream): entry ids in the table but not yet in a saved checkpoint
+        self.unacked: list[list[str]] = [[] for _ in range(shards)]
+        # per shard: its evictions stream read up to here (id, entry number)
+        self.evictions_at: list[tuple[str, int]] = [("0-0", 0)] * shards
 
     def add(self, table: WeightTable, entries: list[StreamEntry]) -> None:
         if not entries:
@@ -80,17 +83,19 @@ class Intake:
             np.array([arrival_ms(e.entry_id) for e in entries], dtype=np.int64),
         )
         # acknowledged once the table holding them is saved (at the next checkpoint): at-least-once
-        self.unacked.extend(e.entry_id for e in entries)
+        for e in entries:
+            self.unacked[e.shard].append(e.entry_id)
 
     def take_pending(self, table: WeightTable) -> None:
         """Entries this consumer got but did not acknowledge before it stopped: back into the table."""
-        after = "0"
-        while True:
-            entries = self.feed.read_pending(self.settings.read_count, after=after)
-            if not entries:
-                break
-            self.add(table, entries)
-            after = entries[-1].entry_id
+        for shard in range(len(self.unacked)):
+            after = "0"
+            while True:
+                entries = self.feed.read_pending(self.settings.read_count, after=after, shard=shard)
+                if not entries:
+                    break
+                self.add(table, entries)
+                after = entries[-1].entry_id
         self.add(table, self.feed.claim_stale(self.settings.claim_idle_ms))
 
     def poll(self, table: WeightTable, before_adding: Callable[[], None], *, wait: bool = False) -> int:
@@ -110,30 +115,34 @@ class Intake:
     def sync_evictions(self, table: WeightTable) -> None:
         """Mark the rows whose samples the buffer no longer holds, asking Redis about every live row (at
         start, or when the evictions stream was trimmed before it was read); O(rows) round trips / 10k."""
-        head = self.feed.eviction_head()  # first: what is evicted from now on is read from the stream
+        # first: what is evicted from now on is read from the streams
+        heads = [self.feed.eviction_head(s) for s in range(len(self.evictions_at))]
         rows = np.flatnonzero(table.alive)
         if len(rows):
             live = np.asarray(self.feed.live_ordinals(table.ordinal[rows].tolist()), dtype=np.bool_)
             table.kill(rows[np.logical_not(live)])
-        self.evictions_at = head
+        self.evictions_at = heads
 
     def read_evictions(self, table: WeightTable) -> None:
-        """Mark the rows of samples the buffer evicted since the last read, from the evictions stream the
-        ingest script writes (O(evicted)); a full ``sync_evictions`` if the reader fell behind its cap."""
-        while True:
-            at, ordinals, complete = self.feed.evictions(self.evictions_at)
-            if not complete:
-                self.sync_evictions(table)
-                return
-            if at == self.evictions_at:  # nothing new
-                return
-            self.evictions_at = at
-            table.kill(table.rows_of(np.asarray(ordinals, dtype=np.int64)))
+        """Mark the rows of samples the buffer evicted since the last read, from the evictions streams the
+        ingest script writes (one per shard; O(evicted)); a full ``sync_evictions`` if the reader fell
+        behind a stream's cap."""
+        for shard in range(len(self.evictions_at)):
+            while True:
+                at, ordinals, complete = self.feed.evictions(self.evictions_at[shard], shard=shard)
+                if not complete:
+                    self.sync_evictions(table)
+                    return
+                if at == self.evictions_at[shard]:  # nothing new
+                    break
+                self.evictions_at[shard] = at
+                table.kill(table.rows_of(np.asarray(ordinals, dtype=np.int64)))
 
     def ack(self) -> None:
         """Acknowledge what a saved checkpoint now holds, and trim the stream (Redis errors propagate)."""
-        self.feed.ack(self.unacked)
-        self.unacked.clear()
+        for shard, ids in enumerate(self.unacked):
+            self.feed.ack(ids, shard)
+            ids.clear()
         self.feed.trim_acknowledged()
 
 

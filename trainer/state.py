@@ -127,7 +127,7 @@ def capture(t: Trainer) -> TrainerState:
             "rng": t.rng.bit_generator.state,
             "val_loss": _exact(v.loss),
             "train_loss": _exact(t.learner.train_loss),
-            "checked_ordinal": v.checked_ordinal,
+            "checked_ordinal": _checked_saved(v.checked_ordinal),
             "quarantined": t.quarantine.count,
             "pending_quarantine": [list(q) for q in t.quarantine.pending],
         },
@@ -184,7 +184,10 @@ def resume(t: Trainer, engine: Engine) -> None:
     v.version = int(info.get("val_version", -1))
     v.samples = state.validation
     v.loss = _nan_if_none(info.get("val_loss"))
-    v.checked_ordinal = int(info.get("checked_ordinal", t.table.max_ordinal))
+    checked = info.get("checked_ordinal")
+    v.checked_ordinal = (
+        t.table.max_ordinals() if checked is None else np.atleast_1d(np.asarray(checked, np.int64))
+    )
     if state.g_val is not None:
         v.g_val = [torch.from_numpy(g).to(model.device) for g in state.g_val]
     if v.samples:
@@ -192,6 +195,13 @@ def resume(t: Trainer, engine: Engine) -> None:
     t.quarantine.count = int(info.get("quarantined", 0))
     t.quarantine.pending = [(int(o), str(s), str(r)) for o, s, r in info.get("pending_quarantine", [])]
     log.info("resumed from checkpoint v%d at step %d with %d samples", row.version, t.step, t.table.live)
+
+
+def _checked_saved(checked: np.ndarray) -> int | list[int]:
+    """Validation.checked_ordinal as saved: an int for one shard (as states were before sharding), else a
+    list per shard."""
+    values = [int(x) for x in np.atleast_1d(checked)]
+    return values[0] if len(values) == 1 else (values or -1)
 
 
 def _exact(x: float) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from store.keys import SHARD_BITS
 from trainer.sumtree import SumTree
 
 _FIELDS: dict[str, Any] = {
@@ -119,7 +120,12 @@ class WeightTable:
         self.evicted = 0  # rows dropped because their sample left the buffer
         self._live = 0  # alive rows, kept by add/kill/compact: ``live`` is read several times a step
         self._max_ordinal = -1  # no ordinal above this is in the table (stream ordinals only grow)
+        # per shard of a sharded buffer (ordinal >> SHARD_BITS): its newest ordinal added, -1 for none (each
+        # shard's ordinals only grow; across shards they interleave)
+        self._max_by_shard = np.full(1, -1, dtype=np.int64)
         self._sorted = True  # rows are in ordinal order (true unless a re-delivered entry came late)
+        # while not ``_sorted``: (rows covered, their ordinals sorted, those rows in that order), for rows_of
+        self._index: tuple[int, np.ndarray, np.ndarray] | None = None
         # per source index: the mean live weight at the last reweight (what a new sample of it starts at)
         self.source_weight = np.zeros(0, dtype=np.float32)
         self.scored_per_source = np.zeros(0, dtype=np.int64)  # per source index: samples scored at least once
@@ -159,10 +165,42 @@ class WeightTable:
         """The newest ordinal ever added (-1 for none): stream ordinals only grow."""
         return self._max_ordinal
 
-    def unqueue_through(self, ordinal: int) -> None:
-        """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table)."""
+    def max_ordinals(self) -> np.ndarray:
+        """Per shard (index: shard), the newest ordinal ever added, -1 for none: (shards seen,) int64. One
+        entry for an unsharded buffer: ``max_ordinal``."""
+        return self._max_by_shard.copy()
+
+    def unqueue_through(self, ordinal: int | np.ndarray) -> None:
+        """Drop queued rows whose samples arrived at or before ``ordinal`` (they stay in the table); an
+        array is per shard (``max_ordinals``): a row of shard s is dropped at or before ``ordinal[s]``."""
         queued = self.unscored.array()
-        self.unscored = self.unscored.subset(self.cols["ordinal"][queued] > ordinal)
+        ords = self.cols["ordinal"][queued]
+        if np.ndim(ordinal) == 0:
+            self.unscored = self.unscored.subset(ords > int(ordinal))
+            return
+        through = np.asarray(ordinal, dtype=np.int64)
+        shard = ords >> SHARD_BITS
+        known = shard < len(through)
+        limit = np.full(len(ords), -1, dtype=np.int64)
+        limit[known] = through[shard[known]]
+        self.unscored = self.unscored.subset(ords > limit)
+
+    def _note_ordinals(self, ordinals: np.ndarray) -> None:
+        """Raise the per-shard newest ordinals (``max_ordinals``) by these."""
+        shard = ordinals >> SHARD_BITS
+        top = int(shard.max()) + 1
+        if top > len(self._max_by_shard):
+            self._max_by_shard = np.concatenate(
+                [self._max_by_shard, np.full(top - len(self._max_by_shard), -1, dtype=np.int64)]
+            )
+        np.maximum.at(self._max_by_shard, shard, ordinals)
+
+    def _maybe_seen(self, ordinals: np.ndarray) -> bool:
+        """Whether any of these ordinals may already be in the table: one is at or below its shard's
+        newest (new stream entries are above it)."""
+        shard = ordinals >> SHARD_BITS
+        known = shard < len(self._max_by_shard)
+        return bool(np.any(ordinals[known] <= self._max_by_shard[shard[known]]))
 
     def new_cohort(self) -> None:
         """Samples added from now on form a new cohort of their source (the validation set changed)."""
@@ -190,8 +228,8 @@ class WeightTable:
         ordinals = np.asarray(ordinals, dtype=np.int64)
         if not len(ordinals):
             return np.empty(0, dtype=np.int64)
-        # new stream entries have ordinals above every row's: skip the O(n) membership test for them
-        seen = self.n > 0 and int(ordinals.min()) <= self._max_ordinal
+        # new stream entries have ordinals above every row's of their shard: skip the O(n) membership test
+        seen = self.n > 0 and self._maybe_seen(ordinals)
         keep = ~np.isin(ordinals, self.ordinal) if seen else np.ones(len(ordinals), bool)
         keep &= _first_occurrence(ordinals)
         if not keep.any():
@@ -221,6 +259,7 @@ class WeightTable:
         self.n += len(rows)
         self._live += len(rows)
         self._max_ordinal = max(self._max_ordinal, int(ordinals.max()))
+        self._note_ordinals(ordinals)
         self.tree.update(rows, mass)
         self.unscored.extend(rows, arrived)
         return rows
@@ -245,7 +284,18 @@ class WeightTable:
         if self._sorted:
             idx = np.minimum(np.searchsorted(o, ordinals), len(o) - 1)
             return idx[o[idx] == ordinals].astype(np.int64)
-        return np.flatnonzero(np.isin(o, ordinals))
+        # rows out of ordinal order (a sharded buffer's streams interleave): a binary search in a sorted
+        # copy of the first ``covered`` rows, a scan of the rows added since; the copy is made again once
+        # those are over an eighth of it (O(log n) per added row, amortised) or the rows are renumbered
+        index = self._index
+        if index is None or len(o) - index[0] > max(1024, index[0] // 8):
+            order = np.argsort(o, kind="stable")
+            index = self._index = (len(o), o[order], order)
+        covered, sorted_o, order = index
+        pos = np.minimum(np.searchsorted(sorted_o, ordinals), covered - 1)
+        found = order[pos[sorted_o[pos] == ordinals]]
+        added = np.flatnonzero(np.isin(o[covered:], ordinals)) + covered
+        return np.unique(np.concatenate([found, added])).astype(np.int64)
 
     def kill(self, rows: np.ndarray, *, evicted: bool = True) -> None:
         """Mark rows dead: their samples were evicted from the buffer (counted in ``evicted``), or
@@ -272,6 +322,7 @@ class WeightTable:
                 [col[: self.n][alive], np.zeros(len(col) - int(alive.sum()), col.dtype)]
             )
         self.n = int(alive.sum())
+        self._index = None  # rows renumbered
         self.tree = SumTree(len(self.cols["alive"]))
         kept = remap[self.unscored.array()]
         self.unscored = RowQueue(kept[kept >= 0], self.unscored.arrivals()[kept >= 0])
@@ -354,6 +405,8 @@ class WeightTable:
         t.cols["published"][:n] = np.nan
         t._live = int(t.alive.sum())
         t._max_ordinal = int(t.ordinal.max()) if n else -1
+        if n:
+            t._note_ordinals(np.asarray(t.ordinal, dtype=np.int64))
         t._sorted = bool(np.all(np.diff(t.ordinal) > 0))
         cohorts = info.get("cohorts") or [0] * len(info["sources"])
         for s, c in zip(info["sources"], cohorts, strict=True):

@@ -37,7 +37,8 @@ class Validation:
     def __init__(self) -> None:
         self.version = -1  # the version held (-1: none yet)
         self.samples: list[dict[str, Any]] = []
-        self.checked_ordinal = -1  # the newest sample's ordinal when the set was last checked
+        # per shard (WeightTable.max_ordinals): the newest sample's ordinal when the set was last checked
+        self.checked_ordinal = np.full(1, -1, dtype=np.int64)
         self.g_val: list[torch.Tensor] | None = None  # G_val, one tensor per scored layer
         self.loss = math.nan  # running validation loss
         self.measured = math.nan  # the last ``full_loss``
@@ -56,7 +57,7 @@ class Validation:
         Raises Redis errors."""
         version = feed.validation_version()
         if version == self.version and (self.samples or version <= 0):
-            self.checked_ordinal = table.max_ordinal
+            self.checked_ordinal = table.max_ordinals()
             return
         version, samples = feed.validation()
         if not samples and self.samples:
@@ -90,7 +91,7 @@ class Validation:
         on_load(not same)
         if same:
             return
-        self.checked_ordinal = table.max_ordinal
+        self.checked_ordinal = table.max_ordinals()
         log.info("validation set v%d: %d samples", self.version, len(self.samples))
 
     def batch(self, model: TrainModel, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:

@@ -61,8 +61,8 @@ async def readyz(*, request: Request, buffer: BufferDep, engine: EngineDep) -> J
     async def redis_check() -> None:
         try:
             with anyio.fail_after(settings.redis_timeout):
-                # a keyed read, not PING: on a Redis Cluster it asks the master of the buffer's slot
-                await buffer.r.exists(buffer.k.seq)
+                # keyed reads, not PING: on a Redis Cluster they ask the masters of the buffer's slots
+                await buffer.ready()
         except TimeoutError:
             raise TimeoutError(f"no answer within {settings.redis_timeout:g} s") from None
 

@@ -8,6 +8,7 @@ while samples are being posted) and starts it again on its port, nodes.conf and 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -22,10 +23,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.schema import to_record
+from store.buffer import SampleBuffer
 from store.config import Settings
+from store.feed import TrainerFeed
 from store.keys import TRAINER_GROUP, Keys
+from store.lease import LeaseLost
 from store.processes import datadiet_env, free_port, stop_process_group
-from store.redis_client import BadRedisURL, parse_redis_url, sync_client
+from store.redis_client import BadRedisURL, async_client, parse_redis_url, sync_client
 from store.redis_cluster import LocalCluster, redis7_binaries, start_redis_cluster
 from tests.trainer.conftest import MLP, blobs, start_trainer, wait_for
 
@@ -261,3 +266,117 @@ def test_ingest_train_and_serve_on_a_cluster_through_a_master_restart(
     file = api.get("/v1/checkpoints/latest/file")
     assert file.status_code == 200 and file.headers["X-Checkpoint-Version"] == str(latest["version"])
     assert hashlib.sha256(file.content).hexdigest() == latest["sha256"]
+
+
+# --- one buffer sharded over the cluster's masters ----------------------------------------------------------
+
+
+def test_a_buffer_sharded_over_three_masters_ingests_trains_serves_and_survives_a_lost_shard(
+    cluster: LocalCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_client: Callable[..., TestClient],
+) -> None:
+    """``DATADIET_BUFFER_SHARDS=4`` on a 3-master cluster: the shards' slots are on every master; ingest
+    (with dedup across requests), a trainer reading every shard's stream and publishing into every shard,
+    weights and samples served; a trainer whose lease was taken over is refused by the shards; a request
+    posted while one shard's master is down is answered 503 and leaves nothing on the others."""
+    keys = Keys("dd", 4)
+    owners = [cluster.owner(sk.ids) for sk in keys.all_shards()]
+    assert {n.port for n in owners} == {n.port for n in cluster.nodes}, "shards on every master"
+    url = cluster.url()
+    data_dir = tmp_path / "data"
+    settings = _settings(
+        tmp_path,
+        monkeypatch,
+        redis_url=url,
+        data_dir=data_dir,
+        model="mlp",
+        model_params=MLP,
+        buffer_shards=4,
+    )
+    api = make_client(settings, raise_server_exceptions=False)
+    first = blobs(400, 1, source="a", noisy=False, prefix="a")
+    assert api.post("/v1/samples", json={"samples": first}).json()["accepted"] == 400
+    again = api.post(
+        "/v1/samples", json={"samples": first[:100] + blobs(20, 2, source="a", noisy=False, prefix="n")}
+    )
+    assert (again.json()["accepted"], again.json()["duplicates"]) == (20, 100)
+    assert (
+        api.put(
+            "/v1/validation", json={"samples": blobs(32, 3, source="v", noisy=False, prefix="v")}
+        ).status_code
+        == 200
+    )
+
+    # a trainer that held the lease and was paused past it: its successor claims every shard at start
+    with sync_client(url) as r:
+        stale = TrainerFeed(r, keys, "paused", lease_ttl_s=0.3)
+        assert stale.lease.acquire(wait=False)
+        time.sleep(0.5)
+        log = tmp_path / "trainer.log"
+        proc = start_trainer(url, data_dir, log, max_backoff_s="1", buffer_shards="4")
+        try:
+            wait_for(
+                lambda: (
+                    api.get("/v1/stats").json()["trainer"]["step"]
+                    and api.get("/v1/weights").json()["sources"]
+                ),
+                60,
+                "published weights",
+                log,
+            )
+            ids = [s["id"] for s in first] + [f"n-{i}" for i in range(20)]
+            served = api.get("/v1/weights/samples", params={"ids": ",".join(ids)}).json()
+            assert set(served["weights"]) == set(ids) and served["step"] >= 1
+            ordinals = [int(r.hget(keys.for_shard(keys.shard_of(i)).ids, i)) for i in ids]
+            with pytest.raises(LeaseLost):
+                stale.publish_weights({"step": 1}, ordinals, [123.0] * len(ordinals))
+            assert (
+                123.0
+                not in api.get("/v1/weights/samples", params={"ids": ",".join(ids)})
+                .json()["weights"]
+                .values()
+            )
+            doc = api.get("/v1/samples/a-7").json()
+            assert doc["id"] == "a-7" and doc["weight"] >= 0
+            assert (
+                len(api.get("/v1/weights/samples", params={"order": "desc", "limit": 5}).json()["weights"])
+                == 5
+            )
+
+            # shard 0's master is lost: a request spanning every shard stores nothing on the others
+            lost = owners[0]
+            assert sum(n.port == lost.port for n in owners) == 1
+            lost.kill()
+            request = blobs(40, 9, source="lost", noisy=False, prefix="lost")
+            assert {keys.shard_of(s["id"]) for s in request} == {0, 1, 2, 3}
+            answer = api.post("/v1/samples", json={"samples": request})
+            assert answer.status_code == 503, answer.text
+            lost.start()
+            cluster.wait_ok()
+            wait_for(lambda: api.get("/readyz").status_code == 200, 30, "the cluster back", log)
+            got = api.get("/v1/weights/samples", params={"ids": ",".join(s["id"] for s in request)}).json()
+            assert got["weights"] == {}, "nothing of the failed request is stored"
+            stats = api.get("/v1/stats").json()["buffer"]
+            assert (stats["size"], stats["ingested"], stats["duplicates"]) == (420, 420, 100)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            stop_process_group(proc)
+
+    # another deployment on the same cluster, capacity 40: each shard evicts down to 10 on its own master
+    async def fill() -> list[int]:
+        client = async_client(url)
+        try:
+            small = Keys("ev", 4)
+            buffer = SampleBuffer(client, small, 40, 10)
+            for start in range(0, 400, 100):
+                await buffer.ingest(
+                    [to_record(s) for s in blobs(100, start, source="e", noisy=False, prefix=f"e{start}")]
+                )
+            return [int(await client.hlen(sk.samples)) for sk in small.all_shards()]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(fill()) == [10, 10, 10, 10]

@@ -16,7 +16,6 @@ import redis
 from fastapi.testclient import TestClient
 
 from store.feed import TrainerFeed
-from store.keys import Keys
 from store.meta import make_engine, migrate
 from store.processes import datadiet_env, spawn
 from tests.conftest import REPO_ROOT
@@ -97,7 +96,7 @@ def make_trainer(redis_url: str, tmp_path: Path) -> Callable[..., Trainer]:
         engine = make_engine(settings.resolved_database_url)
         migrate(engine)
         client = redis.Redis.from_url(redis_url)
-        feed = TrainerFeed(client, Keys(settings.redis_prefix), settings.consumer, settings.lease_ttl_s)
+        feed = TrainerFeed(client, settings.keys, settings.consumer, settings.lease_ttl_s)
         return Trainer(settings, feed, engine)
 
     return make
