@@ -112,10 +112,13 @@ def unavailable_for(exc: BaseException) -> Unavailable | None:
     import redis
     from sqlalchemy import exc as sa
 
+    from store.keys import ShardsMismatch
     from store.redis_client import cluster_unreachable
 
     if isinstance(exc, Unavailable):
         return exc
+    if isinstance(exc, ShardsMismatch):  # a deployment's processes disagree: until an operator fixes it
+        return Unavailable(f"this API cannot store samples: {exc}")
     if isinstance(exc, redis.RedisError) or cluster_unreachable(exc):  # a Redis Cluster: store.redis_client
         return Unavailable(f"the sample buffer (Redis) is unavailable: {type(exc).__name__}: {exc}")
     if isinstance(exc, sa.OperationalError | sa.TimeoutError) or (

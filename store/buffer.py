@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from store import scripts
-from store.keys import UNWEIGHTED_PRIORITY, Keys, shard_of_ordinal
+from store.keys import UNWEIGHTED_PRIORITY, Keys, ShardsMismatch, shard_of_ordinal
 from store.redis_client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,21 @@ class SampleBuffer:
         self._ingest = client.register_script(scripts.INGEST)
         self._validation = client.register_script(scripts.VALIDATION)
         self._weights_of = client.register_script(scripts.WEIGHTS_OF)
+        self._layout = client.register_script(scripts.LAYOUT)
+        self._layout_checked = False  # this process's shard count agrees with the buffer's (check_layout)
         self._doc: tuple[bytes, float] | None = None  # (the weights document, monotonic time it was read)
         self._generation = 0  # bumped each time the cached document is dropped
         self._following = False  # subscribed to the trainer's announcements (follow_publications)
+
+    async def check_layout(self) -> None:
+        """Check (once per process, before its first ingest) that the buffer is written with this process's
+        shard count, recording it if nothing is stored yet (``scripts.LAYOUT``). Raises ShardsMismatch:
+        an API whose DATADIET_BUFFER_SHARDS differs from the trainer's would store samples it never
+        reads."""
+        actual = int(await self._layout(keys=[self.k.layout, self.k.unsharded_seq], args=[self.k.shards]))
+        if actual != self.k.shards:
+            raise ShardsMismatch(self.k.shards, actual)
+        self._layout_checked = True
 
     async def _ingest_shard(self, sk: Keys, records: list[SampleRecord]) -> list[int]:
         """One INGEST call on shard ``sk``: [accepted, duplicates, evicted, first ordinal, flags...]."""
@@ -108,6 +120,8 @@ class SampleBuffer:
         their samples removed and listed as evicted, the counters put back). What stays is the window
         docs/scaling.md describes: an undo that itself fails, or a call whose outcome is unknown (a
         timeout after Redis ran it)."""
+        if not self._layout_checked:
+            await self.check_layout()
         if not self.k.sharded:
             out = await self._ingest_shard(self.k, records)
             return IngestResult(out[0], out[1], out[2], [bool(f) for f in out[4:]])

@@ -24,7 +24,7 @@ import orjson
 import redis
 
 from store import scripts
-from store.keys import SHARD_BITS, TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys
+from store.keys import SHARD_BITS, TRAINER_GROUP, UNWEIGHTED_PRIORITY, Keys, ShardsMismatch
 from store.lease import TrainerLease
 from store.redis_client import SyncClient
 
@@ -72,6 +72,7 @@ class TrainerFeed:
         self._quarantine = self.r.register_script(scripts.FENCED_QUARANTINE)
         self._shard_ranks = self.r.register_script(scripts.FENCED_SHARD_RANKS)
         self._shard_quarantine = self.r.register_script(scripts.FENCED_SHARD_QUARANTINE)
+        self._layout = self.r.register_script(scripts.LAYOUT)
         self.shard_keys = keys.all_shards()
         self._next_block = 0  # sharded on a cluster: the shard whose stream the next blocking read waits on
         self._cluster = hasattr(client, "get_node_from_key")  # redis-py's (sync) cluster client
@@ -84,7 +85,11 @@ class TrainerFeed:
 
     def ensure_group(self) -> None:
         """Create the consumer group at the stream's start (every shard's), so samples accepted earlier
-        are delivered."""
+        are delivered. Raises ShardsMismatch (store.keys) when the buffer was written with another shard
+        count than this trainer's: it would read streams nobody writes (scripts.LAYOUT)."""
+        actual = int(self._layout(keys=[self.k.layout, self.k.unsharded_seq], args=[self.k.shards]))
+        if actual != self.k.shards:
+            raise ShardsMismatch(self.k.shards, actual)
         for sk in self.shard_keys:
             try:
                 self.r.xgroup_create(sk.ingest, TRAINER_GROUP, id="0", mkstream=True)

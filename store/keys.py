@@ -85,6 +85,19 @@ def shard_of_ordinal(ordinal: int) -> int:
     return int(ordinal) >> SHARD_BITS
 
 
+class ShardsMismatch(RuntimeError):
+    """This process's DATADIET_BUFFER_SHARDS is not the one the deployment's buffer was written with: its
+    samples would go to (or be read from) keys no other process uses, and be lost to training silently."""
+
+    def __init__(self, configured: int, actual: int) -> None:
+        super().__init__(
+            f"DATADIET_BUFFER_SHARDS={configured}, but this deployment's buffer is split over {actual} "
+            f"shard(s): every API and the trainer must say {actual} (changing it is a migration: "
+            "docs/scaling.md, 'Changing S')"
+        )
+        self.configured, self.actual = configured, actual
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names of one deployment (``prefix``) whose buffer has ``shards`` shards. ``shard`` is None for
@@ -115,6 +128,16 @@ class Keys:
     @property
     def sharded(self) -> bool:
         return self.shards > 1
+
+    @property
+    def layout(self) -> str:
+        """The shard count the buffer was first written with (``scripts.LAYOUT``); global."""
+        return self._k("buffer:shards")
+
+    @property
+    def unsharded_seq(self) -> str:
+        """The one-shard buffer's seq: it exists once an unsharded buffer has stored a sample."""
+        return self._k("seq")
 
     def for_shard(self, shard: int) -> Keys:
         """The keys of shard ``shard`` (itself when there is one shard)."""

@@ -116,6 +116,20 @@ if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[4], 'duplicates', -tonu
 return #gone
 """
 
+LAYOUT = """
+-- The shard count this deployment's buffer is written with, recorded by the first process to ask.
+-- KEYS[1] = the layout marker   KEYS[2] = the one-shard buffer's seq   ARGV[1] = the caller's shard count
+-- returns the deployment's shard count: the marker's; when there is none, 1 if a one-shard buffer already
+-- holds samples (from before the marker existed), else the caller's (and the marker is set to it)
+local cur = redis.call('GET', KEYS[1])
+if cur then return tonumber(cur) end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if ARGV[1] ~= '1' then return 1 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return tonumber(ARGV[1])
+"""
+
 VALIDATION = """
 -- Replace or append to the validation set and bump its version, atomically.
 -- KEYS[1] = validation list   KEYS[2] = validation version

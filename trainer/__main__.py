@@ -27,6 +27,7 @@ from app.logs import setup_logging
 from store.config import configuration_error
 from store.embedded import resolve_redis_url
 from store.feed import TrainerFeed
+from store.keys import ShardsMismatch
 from store.meta import SchemaNotCurrent, check_schema, make_engine, migrate
 from store.redis_client import UNAVAILABLE_ERRORS, BadRedisURL, sync_client
 from trainer import distributed
@@ -84,7 +85,11 @@ def main() -> int:
         except (ModelNotFound, ImportError, ValueError) as e:  # DATADIET_MODEL / DATADIET_MODEL_CONFIG
             logging.getLogger("datadiet.trainer").error("cannot build the %r model: %s", settings.model, e)
             return EXIT_CONFIG
-        return trainer.run()
+        try:
+            return trainer.run()
+        except ShardsMismatch as e:  # the API wrote the buffer with another DATADIET_BUFFER_SHARDS
+            logging.getLogger("datadiet.trainer").error("%s", e)
+            return EXIT_CONFIG
     finally:
         if ranks is not None:
             ranks.finish()

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from published_weights import weights_doc
 
 from store.feed import TrainerFeed
-from store.keys import Keys, shard_of_ordinal
+from store.keys import Keys, ShardsMismatch, shard_of_ordinal
 
 KEYS = Keys("dd", 4)
 
@@ -52,3 +53,38 @@ def test_a_sharded_buffer_serves_samples_weights_rankings_and_stats(
     stats = api.get("/v1/stats").json()["buffer"]
     assert (stats["size"], stats["ingested"], stats["duplicates"]) == (65, 65, 5)
     assert api.get("/readyz").status_code == 200
+
+
+def test_processes_that_disagree_on_the_shard_count_refuse_instead_of_losing_samples(
+    redis_url: str, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
+) -> None:
+    """The first process to store records the buffer's shard count; an API with another
+    DATADIET_BUFFER_SHARDS would store samples no trainer reads, so it answers 503 naming the setting and
+    stores nothing, whichever way round (4 then 1, 1 then 4, and a one-shard buffer from before the count
+    was recorded), and the trainer's feed refuses the same way (tests/trainer: it exits 78)."""
+    r = redis.Redis.from_url(redis_url)
+    four = make_client(make_settings(buffer_shards=4))
+    assert four.post("/v1/samples", json={"samples": [sample(i) for i in range(8)]}).status_code == 202
+    one = make_client(make_settings(buffer_shards=1))
+    refused = one.post("/v1/samples", json={"samples": [sample(100)]})
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert "DATADIET_BUFFER_SHARDS=1" in refused.json()["error"]["detail"]
+    assert "split over 4 shard(s)" in refused.json()["error"]["detail"]
+    assert r.hget(Keys().ids, "s100") is None and not r.exists(Keys().samples)
+    with pytest.raises(ShardsMismatch, match="DATADIET_BUFFER_SHARDS=1"):
+        TrainerFeed(r, Keys("dd", 1)).ensure_group()
+    TrainerFeed(r, KEYS).ensure_group()  # the trainer that agrees starts
+
+    r.flushall()  # a one-shard buffer written before the count was recorded (an older release)
+    assert one.post("/v1/samples", json={"samples": [sample(1)]}).status_code == 202
+    r.delete(Keys().layout)
+    fresh_four = make_client(make_settings(buffer_shards=4))
+    assert fresh_four.post("/v1/samples", json={"samples": [sample(2)]}).status_code == 503
+    assert r.get(Keys().layout) is None  # the refusal records nothing
+    assert (
+        make_client(make_settings(buffer_shards=1))
+        .post("/v1/samples", json={"samples": [sample(3)]})
+        .status_code
+        == 202
+    )
+    assert r.get(Keys().layout) == b"1"

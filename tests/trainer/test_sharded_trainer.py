@@ -176,3 +176,24 @@ def test_the_table_finds_the_rows_of_ordinals_whose_shards_interleave() -> None:
     table.add(np.array([1 << SHARD_BITS | (seqs[1] + 1)]), np.zeros(1, np.uint64), ["a"])
     table.unqueue_through(cut)
     assert table.ordinal[table.unscored.array()].tolist() == [1 << SHARD_BITS | (seqs[1] + 1)]
+
+
+def test_a_trainer_whose_shard_count_differs_from_the_buffers_exits_78_naming_the_setting(
+    redis_url: str, tmp_path: Path, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
+) -> None:
+    api = make_client(make_settings(model="mlp", model_params=MLP, buffer_shards=SHARDS))
+    assert (
+        api.post(
+            "/v1/samples", json={"samples": blobs(20, 1, source="a", noisy=False, prefix="a")}
+        ).status_code
+        == 202
+    )
+    log = tmp_path / "trainer.log"
+    trainer = start_trainer(redis_url, tmp_path / "data", log)  # DATADIET_BUFFER_SHARDS unset: 1
+    try:
+        assert trainer.wait(timeout=120) == 78
+    finally:
+        stop_process_group(trainer)
+    assert (
+        "DATADIET_BUFFER_SHARDS=1, but this deployment's buffer is split over 4 shard(s)" in log.read_text()
+    )
