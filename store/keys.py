@@ -26,6 +26,8 @@ A reader can list the whole Redis layout from this file:
                                resumable by Range): retention never deletes it before then
     {p}:checkpoint:version string  the last checkpoint version reserved (a version is reserved, under the
                                lease, before its file is written)
+    {p}:buffer:shards  string  the shard count the buffer is written with (scripts.LAYOUT; processes whose
+                               DATADIET_BUFFER_SHARDS differs refuse: ShardsMismatch)
 
 With ``DATADIET_BUFFER_SHARDS`` = S > 1 the buffer is split over S hash tags ``{p:0}`` ... ``{p:S-1}``;
 a sample lives on shard ``shard_of(id)`` (crc32 of the id mod S), and these keys exist once per shard s
