@@ -78,6 +78,9 @@ class TrainerLease:
 
         Raises LeaseLost if this process held it before and another trainer has held it since."""
         current = self.r.get(self.k.lease)
+        if current is not None and self.value is not None and current.decode() == self.value:
+            self.renew()  # this process holds it already (a fenced write took it since the last run)
+            return None
         dead = current.decode() if current is not None and _holder_is_dead(current.decode()) else ""
         token, value = self._acquire(
             keys=[self.k.lease, self.k.fence], args=[self.ttl_ms, self.holder, self.token, dead]

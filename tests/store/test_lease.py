@@ -30,3 +30,15 @@ def test_a_holder_is_superseded_only_once_another_took_the_lease_since(redis_cli
     assert a.superseded() == f"fencing token {b.token}"
     with pytest.raises(LeaseLost):
         a.renew()
+
+
+def test_acquiring_a_lease_this_process_already_holds_is_immediate(redis_client: redis.Redis) -> None:
+    """A trainer whose fenced write took the lease back after a run released it (a second ``run()`` in one
+    process) holds it: acquiring again renews it at once instead of waiting out its own TTL."""
+    lease = TrainerLease(redis_client, Keys(), ttl_s=30)
+    assert lease.acquire(wait=False)
+    token, value = lease.token, lease.value
+    started = time.monotonic()
+    assert lease.acquire(wait=True, poll_s=5.0)
+    assert time.monotonic() - started < 1.0
+    assert (lease.token, lease.value) == (token, value) and redis_client.pttl(Keys().lease) > 29_000
