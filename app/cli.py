@@ -165,8 +165,14 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _settings(trainer=True)  # an unusable setting is one line here, before torchrun or the trainer starts
-    if args.nproc > 1:  # torchrun's ranks (trainer/distributed.py); this process becomes torchrun, so
-        # signals reach it (it passes them on to the ranks) and its exit status is the command's
+    if args.nproc > 1:  # torchrun's ranks (trainer/distributed.py), started by torchrun's own code in this
+        # process: its agent installs the signal handlers and passes SIGTERM/SIGINT on to the ranks
+        import signal
+
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+
         from trainer.distributed import RanksError, check_settings
         from trainer.settings import TrainerSettings
 
@@ -174,8 +180,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             check_settings(TrainerSettings())  # what every rank would refuse, said once, before torchrun
         except RanksError as e:
             raise CommandError(str(e)) from None
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        os.execv(sys.executable, [*argv, f"--nproc-per-node={args.nproc}", "-m", "trainer"])
+        try:
+            run(parse_args(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "trainer"]))
+        except SignalException as e:
+            # the agent has passed the signal on and waited for the ranks (they finish the step and write
+            # a final checkpoint): a requested stop is a clean exit, as for one trainer process
+            if e.sigval in (signal.SIGTERM, signal.SIGINT):
+                print(f"datadiet: stopped by {e.sigval.name}; the ranks have finished", file=sys.stderr)
+                return 0
+            return 128 + int(e.sigval)
+        except ChildFailedError as e:  # a rank's exit status is the command's (75: lease lost, 78: config)
+            _, failure = e.get_first_failure()
+            print(
+                f"datadiet: rank {failure.local_rank} exited with status {failure.exitcode}", file=sys.stderr
+            )
+            return failure.exitcode if failure.exitcode > 0 else 1
+        return 0
     from trainer.__main__ import main
 
     return main()

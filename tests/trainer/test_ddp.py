@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -187,3 +188,40 @@ def test_train_nproc_refuses_a_per_batch_rule_in_one_line_before_starting_torchr
         "datadiet: DATADIET_REWEIGHT=rholoss re-weights each batch between its forward and backward, "
         "which torchrun ranks do not support yet: run one trainer process (no --nproc)"
     ]
+
+
+def test_train_nproc_stopped_with_sigterm_exits_0_after_the_ranks_write_a_final_checkpoint(
+    redis_url: str, tmp_path: Path, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
+) -> None:
+    """A supervisor stops ``datadiet train --nproc 2`` as it stops one trainer: SIGTERM, then a clean exit
+    (0) once both ranks have finished their step and rank 0 has published a final checkpoint; a rank's
+    own failure status would be the command's (not torchrun's blanket 1)."""
+    import re
+    import signal
+
+    from tests.trainer.conftest import wait_for
+
+    api = make_client(make_settings(model="mlp", model_params=MLP))
+    _post(api)
+    log = tmp_path / "ddp.log"
+    env = datadiet_env(
+        redis_url=redis_url,
+        data_dir=str(tmp_path / "ddp"),
+        model="mlp",
+        model_config=json.dumps(MLP),
+        checkpoint_every="25",
+        torch_threads="1",
+    )
+    proc = spawn([sys.executable, "-m", "app.cli", "train", "--nproc", "2"], log=log, env=env, cwd=REPO_ROOT)
+    try:
+        wait_for(lambda: "published checkpoint" in log.read_text(), 120, "the ranks' first checkpoint", log)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process_group(proc)
+    text = log.read_text()
+    assert "stopped by SIGTERM; the ranks have finished" in text and "Traceback" not in text, text[-3000:]
+    assert text.index("signal 15: finishing the step, writing a final") < text.rindex("published checkpoint")
+    version, step = re.findall(r"published checkpoint v(\d+) at step (\d+)", text)[-1]
+    _, state = _final(tmp_path / "ddp")  # the newest row is the final checkpoint, with its trainer state
+    assert state.step == int(step) and f"v{int(version):08d}" in text
