@@ -27,7 +27,6 @@ import httpx
 import orjson
 import pytest
 from checkpoint_rows import publish_checkpoint
-from conftest import drop_all_tables
 from fastapi.testclient import TestClient
 from faultproxy import FaultProxy
 from sqlalchemy import text
@@ -36,6 +35,7 @@ from sqlalchemy.exc import OperationalError
 
 from store.config import Settings
 from store.meta import make_engine
+from tests.conftest import drop_all_tables
 
 if TYPE_CHECKING:
     from conftest import RedisServer

@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 import pytest
 import redis
-import redis.asyncio as aioredis
 
-from store.buffer import IngestResult, SampleBuffer, SampleRecord
+from store.buffer import IngestResult, SampleRecord
 from store.feed import TrainerFeed
 from store.keys import Keys
+from tests.store.conftest import record
 
 T = TypeVar("T")
 
 
-def record(i: int, source: str = "agent-a") -> SampleRecord:
-    """A stored-form sample ``s<i>`` (what ``app.schema.to_record`` makes of a posted one)."""
-    doc = {"id": f"s{i}", "source": source, "input": f"what is {i}+1?", "target": f"{i + 1}"}
-    return SampleRecord(f"s{i}", source, f"{i:016x}", orjson.dumps(doc))
-
-
 @pytest.fixture
-def on_buffer(redis_url: str) -> Callable[..., Any]:
-    """``on_buffer(lambda buffer: buffer.ingest(...), capacity=...)``: one call on a fresh SampleBuffer."""
-
-    def call(use: Callable[[SampleBuffer], Coroutine[Any, Any, T]], capacity: int = 1000) -> T:
-        async def run() -> T:
-            client = aioredis.Redis.from_url(redis_url)
-            try:
-                return await use(SampleBuffer(client, Keys(), capacity, validation_max=100))
-            finally:
-                await client.aclose()
-
-        return asyncio.run(run())
-
-    return call
+def on_buffer(buffer_call: Callable[..., Any]) -> Callable[..., Any]:
+    """``on_buffer(lambda buffer: ..., capacity=...)``: one call on a fresh SampleBuffer of Keys()."""
+    return lambda use, capacity=1000: buffer_call(Keys(), use, capacity)
 
 
 def ingest(on_buffer: Callable[..., Any], records: list[SampleRecord], capacity: int = 1000) -> IngestResult:

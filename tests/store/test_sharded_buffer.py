@@ -4,46 +4,28 @@ trainer's feed over every shard's stream, and fencing of a stale trainer on a sh
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 import pytest
 import redis
-import redis.asyncio as aioredis
 
-from store.buffer import SampleBuffer, SampleRecord
 from store.feed import TrainerFeed
 from store.keys import SHARD_BITS, Keys, shard_of, shard_of_ordinal
 from store.lease import LeaseLost
+from tests.store.conftest import record
 
 T = TypeVar("T")
 SHARDS = 4
 KEYS = Keys("dd", SHARDS)
 
 
-def record(i: int, source: str = "agent-a") -> SampleRecord:
-    doc = {"id": f"s{i}", "source": source, "input": f"what is {i}+1?", "target": f"{i + 1}"}
-    return SampleRecord(f"s{i}", source, f"{i:016x}", orjson.dumps(doc))
-
-
 @pytest.fixture
-def on_buffer(redis_url: str) -> Callable[..., Any]:
-    """``on_buffer(lambda buffer: ..., capacity=...)``: one call on a fresh 4-shard SampleBuffer."""
-
-    def call(use: Callable[[SampleBuffer], Coroutine[Any, Any, T]], capacity: int = 1000) -> T:
-        async def run() -> T:
-            client = aioredis.Redis.from_url(redis_url)
-            try:
-                return await use(SampleBuffer(client, KEYS, capacity, validation_max=100))
-            finally:
-                await client.aclose()
-
-        return asyncio.run(run())
-
-    return call
+def on_buffer(buffer_call: Callable[..., Any]) -> Callable[..., Any]:
+    """``on_buffer(lambda buffer: ..., capacity=...)``: one call on a fresh SampleBuffer of KEYS."""
+    return lambda use, capacity=1000: buffer_call(KEYS, use, capacity)
 
 
 def shard_sizes(r: redis.Redis) -> list[int]:

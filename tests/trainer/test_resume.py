@@ -40,7 +40,7 @@ def test_sigkilled_trainer_resumes_and_every_accepted_sample_is_kept_or_evicted(
     proc = start_trainer(redis_url, data_dir, log)
     try:
         wait_for(
-            lambda: (api.get("/v1/checkpoints").json() or [{}])[0].get("version", 0) >= 2,
+            lambda: (published_checkpoints(api) or [{}])[0].get("version", 0) >= 2,
             120,
             "two checkpoints",
             log,

@@ -41,7 +41,7 @@ def test_a_sigkilled_trainer_on_a_sharded_buffer_resumes_with_every_sample_kept_
     proc = start_trainer(redis_url, data_dir, log, buffer_shards=str(SHARDS))
     try:
         wait_for(
-            lambda: (api.get("/v1/checkpoints").json() or [{}])[0].get("version", 0) >= 2,
+            lambda: (published_checkpoints(api) or [{}])[0].get("version", 0) >= 2,
             120,
             "2 checkpoints",
             log,
