@@ -23,6 +23,16 @@ T = TypeVar("T")
 
 # async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop on every request
 async def _buffer(request: Request) -> SampleBuffer:
+    """The buffer, once its shard count is known to agree with this process's (one script, on the first
+    request that reaches Redis after a count is recorded; ``SampleBuffer.ensure_layout``). An API with another
+    ``DATADIET_BUFFER_SHARDS`` would read and write keys nobody else uses: every route that touches the
+    buffer answers 503 naming the setting instead (``app.errors.unavailable_for``)."""
+    buffer: SampleBuffer = request.app.state.buffer
+    await buffer.ensure_layout()
+    return buffer
+
+
+async def _unchecked_buffer(request: Request) -> SampleBuffer:
     return request.app.state.buffer
 
 
@@ -35,6 +45,7 @@ async def _engine(request: Request) -> Engine:
 
 
 BufferDep = Annotated[SampleBuffer, Depends(_buffer)]
+UncheckedBufferDep = Annotated[SampleBuffer, Depends(_unchecked_buffer)]  # /readyz: it reports the check
 SpecDep = Annotated[InputSpec, Depends(_spec)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 

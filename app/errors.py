@@ -118,7 +118,7 @@ def unavailable_for(exc: BaseException) -> Unavailable | None:
     if isinstance(exc, Unavailable):
         return exc
     if isinstance(exc, ShardsMismatch):  # a deployment's processes disagree: until an operator fixes it
-        return Unavailable(f"this API cannot store samples: {exc}")
+        return Unavailable(f"this API cannot use the sample buffer: {exc}")
     if isinstance(exc, redis.RedisError) or cluster_unreachable(exc):  # a Redis Cluster: store.redis_client
         return Unavailable(f"the sample buffer (Redis) is unavailable: {type(exc).__name__}: {exc}")
     if isinstance(exc, sa.OperationalError | sa.TimeoutError) or (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,20 +88,34 @@ class SampleBuffer:
         self._validation = client.register_script(scripts.VALIDATION)
         self._weights_of = client.register_script(scripts.WEIGHTS_OF)
         self._layout = client.register_script(scripts.LAYOUT)
-        self._layout_checked = False  # this process's shard count agrees with the buffer's (check_layout)
+        self.layout_checked = False  # this process's shard count agrees with the buffer's (check_layout)
+        self._layout_asked = -math.inf  # monotonic time of the last check that found nothing recorded
         self._doc: tuple[bytes, float] | None = None  # (the weights document, monotonic time it was read)
         self._generation = 0  # bumped each time the cached document is dropped
         self._following = False  # subscribed to the trainer's announcements (follow_publications)
 
-    async def check_layout(self) -> None:
-        """Check (once per process, before its first ingest) that the buffer is written with this process's
-        shard count, recording it if nothing is stored yet (``scripts.LAYOUT``). Raises ShardsMismatch:
-        an API whose DATADIET_BUFFER_SHARDS differs from the trainer's would store samples it never
-        reads."""
-        actual = int(await self._layout(keys=[self.k.layout, self.k.unsharded_seq], args=[self.k.shards]))
+    async def check_layout(self, *, record: bool = False) -> None:
+        """Check that the buffer is written with this process's shard count (``scripts.LAYOUT``); with
+        ``record`` (an ingest), record it when nothing is stored yet. Once a count is known and agrees,
+        ``layout_checked`` is set and this is not asked again (the API's buffer dependency and ingest call
+        it until then). Raises ShardsMismatch: an API whose DATADIET_BUFFER_SHARDS differs from the
+        trainer's would store samples it never reads, and read an empty buffer."""
+        mode = "record" if record else "check"
+        keys = [self.k.layout, self.k.unsharded_seq]
+        actual = int(await self._layout(keys=keys, args=[self.k.shards, mode]))
+        if actual == 0:  # a read before anything was stored: nothing to disagree with yet
+            self._layout_asked = time.monotonic()
+            return
         if actual != self.k.shards:
             raise ShardsMismatch(self.k.shards, actual)
-        self._layout_checked = True
+        self.layout_checked = True
+
+    async def ensure_layout(self) -> None:
+        """``check_layout`` for a read: until a count is recorded, asked at most every WEIGHTS_MAX_AGE_S
+        seconds (a fresh deployment's pollers cost no extra round trip each). Raises ShardsMismatch."""
+        if self.layout_checked or time.monotonic() - self._layout_asked < WEIGHTS_MAX_AGE_S:
+            return
+        await self.check_layout()
 
     async def _ingest_shard(self, sk: Keys, records: list[SampleRecord]) -> list[int]:
         """One INGEST call on shard ``sk``: [accepted, duplicates, evicted, first ordinal, flags...]."""
@@ -120,8 +135,8 @@ class SampleBuffer:
         their samples removed and listed as evicted, the counters put back). What stays is the window
         docs/scaling.md describes: an undo that itself fails, or a call whose outcome is unknown (a
         timeout after Redis ran it)."""
-        if not self._layout_checked:
-            await self.check_layout()
+        if not self.layout_checked:
+            await self.check_layout(record=True)
         if not self.k.sharded:
             out = await self._ingest_shard(self.k, records)
             return IngestResult(out[0], out[1], out[2], [bool(f) for f in out[4:]])

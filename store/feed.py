@@ -87,7 +87,8 @@ class TrainerFeed:
         """Create the consumer group at the stream's start (every shard's), so samples accepted earlier
         are delivered. Raises ShardsMismatch (store.keys) when the buffer was written with another shard
         count than this trainer's: it would read streams nobody writes (scripts.LAYOUT)."""
-        actual = int(self._layout(keys=[self.k.layout, self.k.unsharded_seq], args=[self.k.shards]))
+        keys = [self.k.layout, self.k.unsharded_seq]
+        actual = int(self._layout(keys=keys, args=[self.k.shards, "record"]))
         if actual != self.k.shards:
             raise ShardsMismatch(self.k.shards, actual)
         for sk in self.shard_keys:

@@ -117,15 +117,18 @@ return #gone
 """
 
 LAYOUT = """
--- The shard count this deployment's buffer is written with, recorded by the first process to ask.
+-- The shard count this deployment's buffer is written with, recorded by the first process to store.
 -- KEYS[1] = the layout marker   KEYS[2] = the one-shard buffer's seq   ARGV[1] = the caller's shard count
+-- ARGV[2] = "record" (a process about to write or consume the buffer) or "check" (a read: writes nothing)
 -- returns the deployment's shard count: the marker's; when there is none, 1 if a one-shard buffer already
--- holds samples (from before the marker existed), else the caller's (and the marker is set to it)
+-- holds samples (from before the marker existed), else the caller's when recording (the marker is set to
+-- it), else 0 (nothing recorded yet: nothing to disagree with)
 local cur = redis.call('GET', KEYS[1])
 if cur then return tonumber(cur) end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   if ARGV[1] ~= '1' then return 1 end
 end
+if ARGV[2] ~= 'record' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return tonumber(ARGV[1])
 """

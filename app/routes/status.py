@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.auth import require
-from app.deps import BufferDep, EngineDep, run_db
+from app.deps import BufferDep, EngineDep, UncheckedBufferDep, run_db
 from app.errors import RETRY_AFTER_S
 from app.responses import Health, Ready, Stats
 from store.config import Settings
@@ -50,8 +50,10 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=Ready)
-async def readyz(*, request: Request, buffer: BufferDep, engine: EngineDep) -> JSONResponse:
-    """Redis and the database answer: 200, else 503 naming what is down.
+async def readyz(*, request: Request, buffer: UncheckedBufferDep, engine: EngineDep) -> JSONResponse:
+    """Redis and the database answer, and the buffer's shard count is this process's: 200, else 503
+    naming what is down (a replica with another DATADIET_BUFFER_SHARDS is not ready: it would refuse
+    every request that touches the buffer).
 
     Both are asked at once, each within its timeout (``DATADIET_REDIS_TIMEOUT``,
     ``DATADIET_DATABASE_TIMEOUT``; 1 s by default), so a hung dependency is reported in about a second.
@@ -63,6 +65,8 @@ async def readyz(*, request: Request, buffer: BufferDep, engine: EngineDep) -> J
             with anyio.fail_after(settings.redis_timeout):
                 # keyed reads, not PING: on a Redis Cluster they ask the masters of the buffer's slots
                 await buffer.ready()
+                if not buffer.layout_checked:
+                    await buffer.check_layout()  # asked on every probe until a count is recorded
         except TimeoutError:
             raise TimeoutError(f"no answer within {settings.redis_timeout:g} s") from None
 

@@ -58,10 +58,11 @@ def test_a_sharded_buffer_serves_samples_weights_rankings_and_stats(
 def test_processes_that_disagree_on_the_shard_count_refuse_instead_of_losing_samples(
     redis_url: str, make_settings: Callable[..., Any], make_client: Callable[..., TestClient]
 ) -> None:
-    """The first process to store records the buffer's shard count; an API with another
-    DATADIET_BUFFER_SHARDS would store samples no trainer reads, so it answers 503 naming the setting and
-    stores nothing, whichever way round (4 then 1, 1 then 4, and a one-shard buffer from before the count
-    was recorded), and the trainer's feed refuses the same way (tests/trainer: it exits 78)."""
+    """The first process to store records the buffer's shard count. An API with another
+    DATADIET_BUFFER_SHARDS would store samples no trainer reads and read an empty buffer, so it answers
+    503 naming the setting, stores nothing and is not ready, whichever way round (4 then 1, 1 then 4, and
+    a one-shard buffer from before the count was recorded); the trainer's feed refuses the same way
+    (tests/trainer: it exits 78)."""
     r = redis.Redis.from_url(redis_url)
     four = make_client(make_settings(buffer_shards=4))
     assert four.post("/v1/samples", json={"samples": [sample(i) for i in range(8)]}).status_code == 202
@@ -71,6 +72,14 @@ def test_processes_that_disagree_on_the_shard_count_refuse_instead_of_losing_sam
     assert "DATADIET_BUFFER_SHARDS=1" in refused.json()["error"]["detail"]
     assert "split over 4 shard(s)" in refused.json()["error"]["detail"]
     assert r.hget(Keys().ids, "s100") is None and not r.exists(Keys().samples)
+    # nor does it read an empty buffer as if the samples were gone: every buffer route refuses, and it is
+    # not ready (a load balancer stops sending it traffic)
+    for path in ("/v1/stats", "/v1/weights", "/v1/samples/s1", "/v1/weights/samples?ids=s1,s2", "/metrics"):
+        answer = one.get(path)
+        assert answer.status_code == 503 and "DATADIET_BUFFER_SHARDS=1" in answer.text, (path, answer.text)
+    ready = one.get("/readyz")
+    assert ready.status_code == 503 and "DATADIET_BUFFER_SHARDS=1" in ready.json()["error"]["checks"]["redis"]
+    assert four.get("/readyz").status_code == 200 and four.get("/v1/stats").json()["buffer"]["size"] == 8
     with pytest.raises(ShardsMismatch, match="DATADIET_BUFFER_SHARDS=1"):
         TrainerFeed(r, Keys("dd", 1)).ensure_group()
     TrainerFeed(r, KEYS).ensure_group()  # the trainer that agrees starts
