@@ -21,31 +21,45 @@ SCOPES = frozenset({"ingest", "read", "admin"})
 
 
 def parse_keys(spec: str | None) -> dict[str, frozenset[str]]:
-    """``"k1:ingest+read,k2:admin"`` -> {"k1": {"ingest", "read"}, "k2": {"admin"}}; errors name the entry.
+    """``"k1:ingest+read,k2:admin"`` -> {"k1": {"ingest", "read"}, "k2": {"admin"}}; errors name the entry
+    by its position and scopes, never the key itself (a secret: error lines end up in logs).
 
     Unset (None) or empty: {} (no auth). Anything else must hold at least one key: a spec such as
     ``" , "`` is a mistake (an unfilled template, a lost secret), and reading it as "no auth" would open
-    the API, so it is an error at start-up.
+    the API, so it is an error at start-up. A key listed twice is an error too: which entry's scopes
+    were meant cannot be guessed (the last silently won before).
     """
     keys: dict[str, frozenset[str]] = {}
+    position: dict[str, int] = {}
     if not spec:
         return keys
-    for entry in spec.split(","):
+    for n, entry in enumerate(spec.split(","), start=1):
         entry = entry.strip()
         if not entry:
             continue
         key, sep, scopes = entry.partition(":")
         wanted = frozenset(s.strip() for s in scopes.split("+") if s.strip())
+        shown = f"entry {n} ({_masked(key)}:{scopes})"
         if not sep or not key or not wanted or not wanted <= SCOPES:
             raise ValueError(
-                f"DATADIET_API_KEYS entry {entry!r}: expected key:scope[+scope], scopes {sorted(SCOPES)}"
+                f"DATADIET_API_KEYS {shown}: expected key:scope[+scope], scopes {sorted(SCOPES)}"
             )
-        keys[key] = wanted
+        if key in keys:
+            raise ValueError(
+                f"DATADIET_API_KEYS {shown}: the same key as entry {position[key]}; give a key once, "
+                "its scopes joined by '+' (key:ingest+read)"
+            )
+        keys[key], position[key] = wanted, n
     if not keys:
         raise ValueError(
             f"DATADIET_API_KEYS={spec!r} holds no key: give key:scope[+scope],... or unset it for no auth"
         )
     return keys
+
+
+def _masked(key: str) -> str:
+    """A key as error messages show it: its first two characters, the rest elided."""
+    return f"{key[:2]}..." if len(key) > 2 else "..."
 
 
 def may(request: Request, scope: str) -> bool:
