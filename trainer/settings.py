@@ -13,12 +13,16 @@ from store.config import Settings
 
 
 class TrainerSettings(Settings):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model trains: auto is CUDA when a GPU is visible, else the CPU"
+    )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0: one less than the cores, 1-8")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(
+        64, ge=1, description="samples per training step (the global batch, over all ranks)"
+    )
+    lr: float = Field(2e-3, gt=0, description="AdamW's learning rate (the score's -lr <grad loss_i, G_val>)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="the step's gradient is clipped to this global L2 norm")
     warmup_lr_steps: int = Field(50, ge=0, description="linear learning-rate warm-up")
     reset_optimizer_on_validation_change: bool = Field(
         True, description="clear the optimizer's moments when a new validation set (a new task) arrives"
@@ -26,7 +30,9 @@ class TrainerSettings(Settings):
 
     # outer loop (see trainer/weighting/bilevel.py for the rule and its knobs)
     outer_every: int = Field(1, ge=1, description="score the batch every k-th step")
-    val_batch_size: int = Field(64, ge=1)
+    val_batch_size: int = Field(
+        64, ge=1, description="validation samples per refresh of the validation gradient G_val"
+    )
     val_grad_every: int = Field(
         4, ge=1, description="refresh the running validation gradient every k scorings"
     )
@@ -79,11 +85,17 @@ class TrainerSettings(Settings):
     source_scale: float = Field(
         24.0, ge=0, description="logit per unit of a source's mean score, in units of the per-sample spread"
     )
-    sample_scale: float = Field(1.0, ge=0)
+    sample_scale: float = Field(
+        1.0, ge=0, description="weight of a sample's own mean score against its source's (docs/weighting.md)"
+    )
     sample_prior_visits: float = Field(
         2.0, gt=0, description="the least prior weight (in visits) on a sample's own mean score"
     )
-    max_logit: float = Field(4.0, gt=0)
+    max_logit: float = Field(
+        4.0,
+        gt=0,
+        description="the source and the sample parts of a weight's logit are each clipped to +-this",
+    )
     teacher: bool = Field(
         True,
         description="weight each sample by the probability that its target is right, from models trained "
@@ -114,7 +126,9 @@ class TrainerSettings(Settings):
     )
 
     # I/O
-    publish_every_s: float = Field(2.0, gt=0)
+    publish_every_s: float = Field(
+        2.0, gt=0, description="seconds between publications of the weights (GET /v1/weights) and the status"
+    )
     publish_tolerance: float = Field(
         0.01,
         ge=0,
@@ -129,11 +143,13 @@ class TrainerSettings(Settings):
         "first (the rest follow in later publishes): bounds a publish's time (Redis rewrites a weight "
         "in ~2-10 us), e.g. a restarted trainer's first publish of a million samples",
     )
-    progress_every_s: float = Field(5.0, gt=0)
+    progress_every_s: float = Field(5.0, gt=0, description="seconds between the trainer's progress log lines")
     validation_check_every: int = Field(10, ge=1, description="steps between checks for a new validation set")
     payload_cache: int = Field(50_000, ge=0)
     read_count: int = Field(5_000, ge=1, description="stream entries read per poll")
-    claim_idle_ms: int = Field(60_000, ge=1)
+    claim_idle_ms: int = Field(
+        60_000, ge=1, description="stream entries pending this long on another consumer are taken over (ms)"
+    )
     consumer: str = "trainer-0"
 
     # idling: a buffer that no longer changes is not trained on forever (trainer/idle.py)
@@ -163,8 +179,8 @@ class TrainerSettings(Settings):
     keep_checkpoints: int = Field(
         5,
         ge=1,
-        description="published checkpoints kept (the newest; older ones are deleted unless a "
-        "download is streaming one, or may still resume it)",
+        description="published checkpoints kept (the newest; an older one is deleted once no download "
+        "has streamed it for 10 minutes, the time a Range request may still resume one)",
     )
     keep_weight_snapshots: int = Field(10_000, ge=1, description="weight-history rows kept in SQL")
 
