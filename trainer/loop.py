@@ -128,6 +128,7 @@ class Trainer:
         try:
             if not self._start():
                 return EXIT_LEASE_LOST if not self.stop_requested else 0
+            self.redis.meanwhile = self.db.meanwhile = "training on what the trainer holds"
             return self._run()
         except LeaseLost as e:
             log.error("%s: stopping without writing more (steps since the last checkpoint are dropped)", e)
@@ -374,7 +375,10 @@ def _install_signal_handlers(trainer: Trainer) -> dict[int, Any]:
     """SIGTERM and SIGINT finish the step and checkpoint; returns the handlers they replace."""
 
     def stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: finishing the step, writing a final checkpoint", signum)
+        if trainer.step > 0 and trainer.step != trainer.checkpointed_step:  # as _run decides at its end
+            log.info("signal %d: finishing the step, writing a final checkpoint", signum)
+        else:
+            log.info("signal %d: stopping (nothing trained since the last checkpoint)", signum)
         trainer.stop_requested = True
 
     if threading.current_thread() is not threading.main_thread():

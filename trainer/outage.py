@@ -55,6 +55,9 @@ class Dependency:
         self.delay_s = first_delay_s
         self.failures = 0  # failed calls in the current outage
         self.outages = 0  # outages seen since start
+        # what goes on while it is down, for the outage's log line: the trainer says "training on what the
+        # trainer holds" once it has started; before, it is only waiting
+        self.meanwhile = "waiting for it"
 
     @property
     def down(self) -> bool:
@@ -75,10 +78,11 @@ class Dependency:
             self.outages += 1
             self.delay_s = self.first_delay_s
             log.warning(
-                "%s unavailable (%s: %s): training on what the trainer holds, retrying with backoff",
+                "%s unavailable (%s: %s): %s, retrying with backoff",
                 self.name,
                 type(error).__name__,
                 str(error).splitlines()[0][:200] if str(error) else "",
+                self.meanwhile,
             )
         self.failures += 1
         self.retry_at = now + self.delay_s * random.uniform(0.5, 1.0)
