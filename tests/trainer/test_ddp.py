@@ -221,7 +221,9 @@ def test_train_nproc_stopped_with_sigterm_exits_0_after_the_ranks_write_a_final_
         stop_process_group(proc)
     text = log.read_text()
     assert "stopped by SIGTERM; the ranks have finished" in text and "Traceback" not in text, text[-3000:]
-    assert text.index("signal 15: finishing the step, writing a final") < text.rindex("published checkpoint")
+    signalled = text.index("signal 15: ")
+    if "nothing trained since the last checkpoint" not in text[signalled : signalled + 100]:
+        assert signalled < text.rindex("published checkpoint"), text[-3000:]  # the final one
     version, step = re.findall(r"published checkpoint v(\d+) at step (\d+)", text)[-1]
     _, state = _final(tmp_path / "ddp")  # the newest row is the final checkpoint, with its trainer state
     assert state.step == int(step) and f"v{int(version):08d}" in text
