@@ -343,6 +343,9 @@ class Supervisor:
         Raises StartError when a child cannot start or the API is not ready within ``timeout``.
         """
 
+        def slow(last: str) -> None:  # a dependency that does not answer: say so before the timeout
+            log.warning("the API is not ready yet (%s); waiting up to %.0f s in all", last, timeout)
+
         def keep_waiting() -> bool:
             if self.stop_requested:
                 return False
@@ -350,7 +353,7 @@ class Supervisor:
             return True
 
         try:
-            return wait_until_ready(self.url, timeout=timeout, keep_waiting=keep_waiting)
+            return wait_until_ready(self.url, timeout=timeout, keep_waiting=keep_waiting, on_slow=slow)
         except StartError:
             raise
         except RuntimeError as e:  # not ready within timeout

@@ -20,6 +20,7 @@ serves no HTTP: httpx is imported by the readiness wait only, to ask ``/readyz``
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -178,6 +179,10 @@ def spawn(argv: list[str], *, log: Path, env: dict[str, str], cwd: Path) -> subp
         )
 
 
+SLOW_READY_S = 10.0
+"""After this long without being ready, ``wait_until_ready`` says what it is waiting for (``on_slow``)."""
+
+
 def wait_until_ready(
     base_url: str,
     proc: subprocess.Popen[bytes] | None = None,
@@ -185,10 +190,12 @@ def wait_until_ready(
     timeout: float = 30.0,
     *,
     keep_waiting: Callable[[], bool] | None = None,
+    on_slow: Callable[[str], None] | None = None,
 ) -> bool:
     """Poll ``{base_url}/readyz`` until it answers 200 (True), or until ``keep_waiting()`` says no (False;
     it is called before every poll, and what it raises goes to the caller). RuntimeError when ``proc``
-    exits first or ``timeout`` passes, with what ``/readyz`` answered last and the tail of ``log``."""
+    exits first or ``timeout`` passes, with what ``/readyz`` answered last and the tail of ``log``.
+    ``on_slow(what it answered last)`` is called once when it is still not ready after SLOW_READY_S."""
     import httpx
 
     def readyz() -> str | None:
@@ -201,7 +208,7 @@ def wait_until_ready(
     def tail() -> str:
         return f":\n{log.read_text(errors='replace')[-4000:]}" if log is not None and log.exists() else ""
 
-    return _wait(readyz, f"the API at {base_url}", timeout, proc, 0.1, tail, keep_waiting)
+    return _wait(readyz, f"the API at {base_url}", timeout, proc, 0.1, tail, keep_waiting, on_slow)
 
 
 def start_api_process(
@@ -229,10 +236,13 @@ def _wait(
     interval: float,
     detail: Callable[[], str],
     keep_waiting: Callable[[], bool] | None = None,
+    on_slow: Callable[[str], None] | None = None,
 ) -> bool:
     """Call ``probe`` (None: ready; else what it saw) every ``interval`` s until it is ready (True), or
-    ``keep_waiting()`` says no (False); RuntimeError when ``proc`` exits or ``timeout`` passes first."""
+    ``keep_waiting()`` says no (False); RuntimeError when ``proc`` exits or ``timeout`` passes first.
+    ``on_slow(last seen)`` once, when SLOW_READY_S have passed without it being ready."""
     deadline = time.monotonic() + timeout
+    slow_at = time.monotonic() + SLOW_READY_S
     last = "no answer yet"
     while True:
         if keep_waiting is not None and not keep_waiting():
@@ -243,6 +253,9 @@ def _wait(
         if seen is None:
             return True
         last = seen
+        if on_slow is not None and time.monotonic() >= slow_at:
+            slow_at = math.inf
+            on_slow(last)
         if time.monotonic() >= deadline:
             raise RuntimeError(f"{what} was not ready within {timeout:.0f}s ({last}){detail()}")
         time.sleep(interval)

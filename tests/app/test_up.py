@@ -208,3 +208,24 @@ def test_a_held_lock_is_a_start_error_naming_its_holder(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(hold_lock(tmp_path / "up.lock", "pid 2"))  # released with its holder's fd: free again
+
+
+def test_up_says_what_it_waits_for_when_a_dependency_does_not_answer_then_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A Redis that refuses every connection: within ~10 s ``up`` says it is not ready and why (what
+    /readyz answers), not silence until its 60 s timeout; Ctrl-C then stops it with status 0."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proc, log = start_up(tmp_path, "data", free_port(), redis_url=dead)
+    try:
+        deadline = time.monotonic() + 30
+        while "not ready yet" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        line = next(x for x in log.read_text().splitlines() if "not ready yet" in x)
+        assert "redis is unavailable" in line and "waiting up to 60 s" in line, line
+        assert "datadiet is up" not in log.read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        stop_process_group(proc)
