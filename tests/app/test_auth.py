@@ -74,7 +74,12 @@ def test_what_agents_sent_is_readable_by_admin_keys_only(api: TestClient, redis_
     assert feed.lease.acquire(wait=False)
     ordinal = int(redis_client.hget(Keys().ids, "s1"))
     assert feed.quarantine([ordinal], ["a"], ["loss is not finite"], step=3) == 1
-    assert api.post("/v1/samples", json={"samples": [{**secret, "id": "s2"}]}, headers=auth("ops-key"))
+    assert (
+        api.post(
+            "/v1/samples", json={"samples": [{**secret, "id": "s2"}]}, headers=auth("ops-key")
+        ).status_code
+        == 202
+    )
 
     reader = auth("reader-key")
     for path in ("/v1/quarantine", "/v1/weights/samples?order=asc&limit=10", "/v1/weights/samples?ids=s1,s2"):

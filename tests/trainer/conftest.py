@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from store.feed import TrainerFeed
 from store.meta import make_engine, migrate
-from store.processes import datadiet_env, spawn
+from store.processes import datadiet_env, spawn, stop_process_group
 from tests.conftest import REPO_ROOT
 from trainer.loop import Trainer
 from trainer.settings import TrainerSettings
@@ -65,6 +67,26 @@ def published_checkpoints(api: TestClient) -> list[dict[str, Any]]:
     trainer holds SQLite's write lock is an error document, not a list)."""
     r = api.get("/v1/checkpoints")
     return r.json() if r.status_code == 200 else []
+
+
+def sigkill_after_checkpoints(
+    api: TestClient, proc: subprocess.Popen[bytes], log: Path, *, versions: int
+) -> dict[str, Any]:
+    """SIGKILL the trainer ``proc`` once checkpoint ``versions`` is published; returns the newest
+    checkpoint's metadata as the API lists it then (what a restart must resume from)."""
+    try:
+        wait_for(
+            lambda: (published_checkpoints(api) or [{}])[0].get("version", 0) >= versions,
+            120,
+            f"{versions} checkpoints",
+            log,
+        )
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        stop_process_group(proc)
+    latest: dict[str, Any] = api.get("/v1/checkpoints/latest").json()
+    return latest
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:

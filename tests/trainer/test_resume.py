@@ -16,7 +16,14 @@ from fastapi.testclient import TestClient
 from store.keys import Keys
 from store.meta import Checkpoint, make_engine
 from store.processes import stop_process_group
-from tests.trainer.conftest import MLP, blobs, published_checkpoints, start_trainer, wait_for
+from tests.trainer.conftest import (
+    MLP,
+    blobs,
+    published_checkpoints,
+    sigkill_after_checkpoints,
+    start_trainer,
+    wait_for,
+)
 from trainer.state import load_state
 
 CAPACITY = 2500
@@ -37,19 +44,7 @@ def test_sigkilled_trainer_resumes_and_every_accepted_sample_is_kept_or_evicted(
     )
     log = tmp_path / "trainer.log"
 
-    proc = start_trainer(redis_url, data_dir, log)
-    try:
-        wait_for(
-            lambda: (published_checkpoints(api) or [{}])[0].get("version", 0) >= 2,
-            120,
-            "two checkpoints",
-            log,
-        )
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        stop_process_group(proc)
-    killed_at = api.get("/v1/checkpoints/latest").json()
+    killed_at = sigkill_after_checkpoints(api, start_trainer(redis_url, data_dir, log), log, versions=2)
 
     # accepted while the trainer is down; over capacity, so the buffer evicts the oldest unweighted ones
     second = blobs(1000, 2, source="late", noisy=False, prefix="b")

@@ -17,7 +17,14 @@ from fastapi.testclient import TestClient
 
 from store.keys import SHARD_BITS, TRAINER_GROUP, Keys, shard_of_ordinal
 from store.processes import stop_process_group
-from tests.trainer.conftest import MLP, blobs, published_checkpoints, start_trainer, wait_for
+from tests.trainer.conftest import (
+    MLP,
+    blobs,
+    published_checkpoints,
+    sigkill_after_checkpoints,
+    start_trainer,
+    wait_for,
+)
 from tests.trainer.test_resume import _final, _post_stream
 from trainer.loop import EXIT_LEASE_LOST
 from trainer.state import load_state
@@ -35,25 +42,30 @@ def test_a_sigkilled_trainer_on_a_sharded_buffer_resumes_with_every_sample_kept_
     api = make_client(
         make_settings(model="mlp", model_params=MLP, buffer_max_samples=CAPACITY, buffer_shards=SHARDS)
     )
-    assert api.post("/v1/samples", json={"samples": blobs(1000, 1, source="clean", noisy=False, prefix="a")})
-    assert api.put("/v1/validation", json={"samples": blobs(32, 3, source="v", noisy=False, prefix="v")})
+    assert (
+        api.post(
+            "/v1/samples", json={"samples": blobs(1000, 1, source="clean", noisy=False, prefix="a")}
+        ).status_code
+        == 202
+    )
+    assert (
+        api.put(
+            "/v1/validation", json={"samples": blobs(32, 3, source="v", noisy=False, prefix="v")}
+        ).status_code
+        == 200
+    )
     log = tmp_path / "trainer.log"
-    proc = start_trainer(redis_url, data_dir, log, buffer_shards=str(SHARDS))
-    try:
-        wait_for(
-            lambda: (published_checkpoints(api) or [{}])[0].get("version", 0) >= 2,
-            120,
-            "2 checkpoints",
-            log,
-        )
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        stop_process_group(proc)
-    killed_at = api.get("/v1/checkpoints/latest").json()
+    killed_at = sigkill_after_checkpoints(
+        api, start_trainer(redis_url, data_dir, log, buffer_shards=str(SHARDS)), log, versions=2
+    )
 
     # accepted while the trainer is down, over capacity: every shard evicts down to CAPACITY / SHARDS
-    assert api.post("/v1/samples", json={"samples": blobs(600, 2, source="late", noisy=False, prefix="b")})
+    assert (
+        api.post(
+            "/v1/samples", json={"samples": blobs(600, 2, source="late", noisy=False, prefix="b")}
+        ).status_code
+        == 202
+    )
     final_step = killed_at["step"] + 40
     proc = start_trainer(redis_url, data_dir, log, buffer_shards=str(SHARDS), max_steps=str(final_step))
     try:
